@@ -1,0 +1,57 @@
+"""Orbax checkpoints of one run: train state, Grain iterator state and the config, per step.
+
+Every checkpoint holds three items: `state` (step, params, optimizer state), `data` (the Grain
+iterator position, so a resumed run sees exactly the samples an uninterrupted run would) and
+`config` (JSON, used to refuse resuming a different model into this workdir).
+"""
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+# Config entries that change the shapes of the saved state.
+_SHAPE_KEYS = ("model", "image_size")
+
+
+def make_manager(workdir, config):
+  # The train loop decides when to save (every checkpoint_every_steps and at the end).
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(manager, step, state, data_iterator, config):
+  """Asynchronous: returns once the arrays are copied off the devices; files are written behind."""
+  return manager.save(step, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      config=ocp.args.JsonSave(config.to_dict())))
+
+
+def check_compatible(manager, step, config):
+  """Raise a clear error if the checkpoint at `step` was written for another model or image size."""
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  wanted = config.to_dict()
+  diffs = []
+  for key in _SHAPE_KEYS:
+    old, new = saved.get(key), wanted.get(key)
+    if isinstance(old, dict) and isinstance(new, dict):
+      diffs += [f"{key}.{k}: checkpoint has {old.get(k)!r}, config has {new.get(k)!r}"
+                for k in sorted(set(old) | set(new)) if _norm(old.get(k)) != _norm(new.get(k))]
+    elif _norm(old) != _norm(new):
+      diffs.append(f"{key}: checkpoint has {old!r}, config has {new!r}")
+  if diffs:
+    raise ValueError(
+        f"{manager.directory} holds a checkpoint (step {step}) of a different model:\n  " + "\n  ".join(diffs)
+        + "\nUse a fresh --workdir, or the config the checkpoint was trained with.")
+
+
+def _norm(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def restore(manager, step, abstract_state, data_iterator):
+  """Restore state (into the shardings of `abstract_state`) and the iterator position, in place."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"]

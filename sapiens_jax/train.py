@@ -1,0 +1,170 @@
+"""MAE pretraining: build, resume, train, log, checkpoint, visualise. Reads top to bottom.
+
+The train state is one dict {step, params, opt_state}, created already sharded on the mesh
+(abstract shapes -> shardings -> jitted init). Randomness of step s is fold_in(seed, s), and the
+data iterator position is checkpointed, so a resumed run repeats an uninterrupted one.
+"""
+import functools
+import math
+import os
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sapiens_jax import checkpoint
+from sapiens_jax import mae
+from sapiens_jax import optim
+from sapiens_jax import sharding
+from sapiens_jax import visualize
+from sapiens_jax import writers
+from sapiens_jax.data import pipeline
+
+
+def init_state(model, tx, image_size, rng):
+  """The train state with logically-annotated (boxed) params; use under jax.eval_shape or jit."""
+  dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
+  params = model.init({"params": rng, "mask": rng}, dummy)["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def create_train_state(model, tx, config, mesh, rules):
+  """Returns (state, abstract_state): the state is born sharded, never gathered on one device."""
+  init = functools.partial(init_state, model, tx, tuple(config.image_size))
+  rng = jax.random.key(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, rng)
+    shardings = sharding.tree_shardings(boxed, mesh, rules)
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  abstract = sharding.abstract_arrays(boxed, shardings)
+  return state, abstract
+
+
+def loss_fn(params, model, images, rng, config):
+  pred, mask = model.apply({"params": params}, images, rngs={"mask": rng})
+  return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
+
+
+def train_step(state, batch, *, model, tx, config):
+  rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, _), grads = grad_fn(state["params"], model, batch["image"], rng, config)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  trainable = jax.tree.map(lambda g, label: g if label == "train" else jnp.zeros_like(g),
+                           grads, optim.frozen_labels(grads))
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(trainable),
+             "learning_rate": optim.schedule(config)(state["step"])}
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch, *, model, config):
+  """Loss and reconstruction on a fixed batch with a fixed mask, comparable across steps."""
+  loss, (pred, mask) = loss_fn(params, model, batch["image"], jax.random.key(config.seed + 1), config)
+  return loss, pred, mask
+
+
+def check_config(config):
+  n = jax.process_count()
+  if config.batch_size % n:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {n} processes")
+  for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps", "total_steps"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]}")
+
+
+def train_and_evaluate(config, workdir):
+  check_config(config)
+  image_size = tuple(config.image_size)
+  is_chief = jax.process_index() == 0
+
+  # Mesh and sharding rules.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  # Model, optimizer, state.
+  model = mae.mae_from_config(config)
+  tx = optim.make_optimizer(config)
+  state, abstract_state = create_train_state(model, tx, config, mesh, rules)
+  state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state["params"]))
+  logging.info("MAE %s: %s parameters, mesh %s", config.model.size, f"{num_params:,}", dict(mesh.shape))
+
+  # Data: each process reads its own slice of every global batch.
+  local_batch = config.batch_size // jax.process_count()
+  make_iterator = functools.partial(
+      pipeline.make_pretrain_iterator, config.data, image_size=image_size, batch_size=local_batch,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = make_iterator(seed=config.seed)
+  viz_batch = next(make_iterator(seed=config.seed + 1))  # a fixed batch for eval loss and pictures
+
+  def to_global(local):
+    return {"image": jax.make_array_from_process_local_data(batch_sharding, local["image"])}
+
+  # Resume from the newest checkpoint in the workdir, if any.
+  manager = checkpoint.make_manager(workdir, config)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    checkpoint.check_compatible(manager, start_step, config)
+    state = checkpoint.restore(manager, start_step, abstract_state, data_iter)
+    logging.info("Resumed from %s at step %d", manager.directory, start_step)
+
+  # Compiled steps.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    p_train_step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=config),
+        in_shardings=(state_shardings, {"image": batch_sharding}),
+        out_shardings=(state_shardings, replicated), donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
+                          in_shardings=(state_shardings["params"], {"image": batch_sharding}),
+                          out_shardings=replicated)
+
+  writer = writers.MetricWriter(workdir, enabled=is_chief)
+  progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)
+  skipped = 0
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = next(data_iter)
+      skipped += int(np.sum(batch["skipped"]))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = p_train_step(state, to_global(batch))
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"loss is {metrics['loss']} at step {step}; the newest checkpoint is step "
+              f"{manager.latest_step()} in {manager.directory}. Lower optim.base_lr or raise "
+              f"optim.warmup_steps and resume.")
+        steps_per_sec, examples_per_sec = progress.rates(step)
+        metrics.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
+                       data_skipped=float(skipped))
+        writer.write_scalars(step, metrics)
+        progress.update(step, loss=metrics["loss"], lr=metrics["learning_rate"])
+
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        loss, pred, mask = p_eval_step(state["params"], to_global(viz_batch))
+        writer.write_scalars(step, {"eval_loss": float(loss)})
+        if is_chief:
+          rows = len(viz_batch["image"])  # this process's examples come first in the global batch
+          grid = visualize.reconstruction_grid(
+              viz_batch["image"], np.asarray(pred.addressable_data(0))[:rows],
+              np.asarray(mask.addressable_data(0))[:rows], config.model.patch_size,
+              config.model.norm_pix_loss, max_rows=config.num_viz_images)
+          visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)
+          writer.write_image(step, "reconstruction", grid)
+
+      if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+        checkpoint.save(manager, step, state, data_iter, config)
+
+  manager.wait_until_finished()
+  writer.close()
+  logging.info("Done at step %d. Checkpoints: %s; metrics: %s; pictures: %s", config.total_steps,
+               manager.directory, os.path.join(workdir, writers.METRICS_FILE),
+               os.path.join(workdir, "reconstructions"))
+  return state

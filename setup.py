@@ -1,0 +1,31 @@
+"""sapiens_jax: Sapiens human-centric vision foundation models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="sapiens_jax",
+    version="0.1.0",
+    description="JAX/Flax training code for the Sapiens family of human-centric vision models.",
+    packages=setuptools.find_packages(include=["sapiens_jax", "sapiens_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.7",
+        "tensorflow-datasets>=4.9",
+        "numpy>=1.26",
+        "einops>=0.8",
+        "clu>=0.0.12",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "Pillow>=10.0",
+        "tensorboard>=2.16",  # event files are written with tensorboard's own writer (no TensorFlow)
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # Exact pin: any looser spelling may pull a CUDA build of several GB.
+        "torch": ["torch==2.13.0", "safetensors>=0.4"],
+    },
+)

@@ -1,0 +1,132 @@
+"""End to end on CPU: training lowers the loss, resuming repeats an uninterrupted run, bad input is named."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from sapiens_jax import train
+from sapiens_jax import writers
+from sapiens_jax.data import ImageDecodeError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in writers.read_metrics(workdir) if "loss" in r}
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tiny_config, tmp_path):
+  tiny_config.total_steps = 60
+  tiny_config.eval_every_steps = 30
+  tiny_config.checkpoint_every_steps = 30
+  tiny_config.optim.warmup_steps = 5
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  loss = losses(tmp_path)
+  assert sorted(loss) == list(range(1, 61))
+  first, last = np.mean([loss[s] for s in range(1, 6)]), np.mean([loss[s] for s in range(56, 61)])
+  assert last < 0.9 * first, (first, last)
+  records = writers.read_metrics(tmp_path)
+  assert all(k in records[-1] for k in ("loss", "learning_rate", "examples_per_sec", "eval_loss"))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "60"]
+  pngs = sorted(os.listdir(tmp_path / "reconstructions"))
+  assert pngs == ["step_0000030.png", "step_0000060.png"]
+  grid = np.asarray(Image.open(tmp_path / "reconstructions" / pngs[-1]))
+  assert grid.shape[0] >= 2 * 64 and grid.shape[1] >= 3 * 64
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(tiny_config, tmp_path):
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  train.train_and_evaluate(tiny_config, str(full))  # 12 steps, checkpoints at 4, 8, 12
+  # The same run stopped after step 8: its workdir as it was then.
+  shutil.copytree(full, cut)
+  shutil.rmtree(cut / "checkpoints" / "12")
+  with open(cut / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in writers.read_metrics(full) if r["step"] <= 8)
+  state = train.train_and_evaluate(tiny_config, str(cut))
+  assert int(state["step"]) == 12
+  a, b = losses(full), losses(cut)
+  assert sorted(b) == list(range(1, 13))
+  # Same data order, masks and parameters: identical losses after the restart.
+  np.testing.assert_array_equal([a[s] for s in range(9, 13)], [b[s] for s in range(9, 13)])
+
+
+def test_resuming_a_different_model_size_is_refused(tiny_config, tmp_path):
+  tiny_config.total_steps = 4
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.total_steps = 8
+  tiny_config.model.size = "small"
+  with pytest.raises(ValueError, match=r"model.size: checkpoint has 'tiny', config has 'small'"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def write_folder(root, n, corrupt=()):
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    path = root / f"sub{i % 2}" / f"img{i}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if i in corrupt:
+      path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    else:
+      Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(path)
+
+
+def test_unreadable_image_raises_with_its_name_or_is_skipped_and_counted(tiny_config, tmp_path):
+  data = tmp_path / "images"
+  write_folder(data, 16, corrupt=(5,))
+  tiny_config.data.source = "folder"
+  tiny_config.data.path = str(data)
+  tiny_config.total_steps = 4
+  tiny_config.data.on_error = "raise"
+  with pytest.raises(ImageDecodeError, match="img5.png"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "raise"))
+  tiny_config.data.on_error = "skip"
+  train.train_and_evaluate(tiny_config, str(tmp_path / "skip"))
+  # 4 steps x 8 images = 2 epochs of 16 images: the bad one was met (and skipped) twice.
+  assert writers.read_metrics(tmp_path / "skip")[-1]["data_skipped"] == 2
+
+
+def test_empty_or_missing_image_folder_is_named(tiny_config, tmp_path):
+  tiny_config.data.source = "folder"
+  (tmp_path / "empty").mkdir()
+  tiny_config.data.path = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match="empty"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w1"))
+  tiny_config.data.path = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w2"))
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "sapiens_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_misspelt_config_key_is_an_error_naming_it(tmp_path):
+  out = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.modle.size=tiny")
+  assert out.returncode != 0
+  assert "modle" in out.stderr
+  out = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.model.sise=tiny")
+  assert out.returncode != 0
+  assert "sise" in out.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_dry_run_of_2b_reports_table2_params_without_allocating():
+  out = run_main("--config=configs/pretrain_2b.py", "--dry_run")
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert isinstance(plan["params"], int) and isinstance(plan["encoder_params"], int)
+  assert abs(plan["params"] / 2.163e9 - 1) < 1e-3
+  assert plan["encoder_params"] == 2_133_912_960
+  # Paper FLOPs (linear MACs of the encoder at 1024x1024) are 8.709 T; we count 8.703 T.
+  assert abs(plan["paper_flops"] / 8.709e12 - 1) < 2e-3
+  # A train step costs at least 3x the forward of the visible tokens and the decoder.
+  assert plan["flops_per_example"] > 3 * 2 * plan["paper_flops"] / 4
+  assert isinstance(plan["memory_per_device_bytes"], int)
+  assert plan["memory_per_device_bytes"] > 4 * plan["params"] * 4  # params, grads, 2 Adam moments
