@@ -25,6 +25,7 @@ def pretrain(size):
   c.keep_checkpoints = 3
   c.eval_every_steps = 1000      # eval loss + reconstruction PNG on a fixed batch
   c.num_viz_images = 8
+  c.grad_accum_steps = 1         # sequential micro-batches per step (same result, less memory)
 
   c.model = ml_collections.ConfigDict()
   c.model.size = size            # 0.3b | 0.6b | 1b | 2b | small | tiny (sapiens_jax.vit.SIZES)
@@ -35,6 +36,9 @@ def pretrain(size):
   c.model.decoder_heads = 16
   c.model.norm_pix_loss = True
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
+  c.model.scan_layers = size in TABLE2_BATCH  # one compiled block body for all layers
+  # Activation checkpointing (sapiens_jax.vit.REMAT_POLICIES): more of it for bigger models.
+  c.model.remat_policy = {"0.3b": "dots", "0.6b": "dots", "1b": "full", "2b": "full"}.get(size, "none")
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4       # peak lr = base_lr * batch_size / 256
@@ -44,6 +48,7 @@ def pretrain(size):
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05
   c.optim.grad_clip_norm = 1.0
+  c.optim.mu_dtype = "float32"   # Adam first moment; "bfloat16" halves its memory
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "generated"    # generated | folder | array_record

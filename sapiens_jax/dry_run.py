@@ -1,12 +1,16 @@
-"""`--dry_run`: what a config will cost, from abstract shapes and the lowered program only.
+"""`--dry_run`: what a config will cost on its mesh, without allocating anything of model size.
 
-Nothing of model size is allocated: parameters come from `jax.eval_shape`, FLOPs from XLA's cost
-analysis of the lowered (not compiled) train step, and memory per device from the state's
-shardings on the configured mesh plus an analytic activation estimate.
+Parameters come from `jax.eval_shape`, FLOPs from XLA's cost analysis of the lowered train step,
+and memory per device from the compiled (never run) program's memory analysis on the configured
+mesh. Plan a pod from a laptop with fake devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=64 python -m sapiens_jax.main \
+      --config=configs/pretrain_2b.py --config.mesh.data=8 --config.mesh.fsdp=8 --dry_run
 """
 import functools
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,30 +52,65 @@ def activation_bytes_per_example(config):
       n + 1, m.decoder_width, m.decoder_heads)
 
 
-def plan(config):
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules(config)
+LARGE_PARAM_BYTES = 1 << 20
+
+
+def unsharded_large_params(abstract_params, shardings):
+  """Names of parameters of >= 1 MiB that every device would hold whole."""
+  flat = flax.traverse_util.flatten_dict(abstract_params, sep="/")
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep="/")
+  return sorted(name for name, leaf in flat.items()
+                if math.prod(leaf.shape) * leaf.dtype.itemsize >= LARGE_PARAM_BYTES
+                and flat_shardings[name].is_fully_replicated)
+
+
+def lower_train_step(config, mesh, rules):
+  """(lowered train step, abstract sharded state, batch sharding) for `config` on `mesh`."""
   model = mae.mae_from_config(config)
   tx = optim.make_optimizer(config)
   init = functools.partial(train.init_state, model, tx, tuple(config.image_size))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.tree_shardings(boxed, mesh, rules)
-    abstract = sharding.abstract_arrays(boxed, shardings)
+    abstract = sharding.abstract_arrays(boxed, sharding.tree_shardings(boxed, mesh, rules))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *config.image_size, 3), jnp.float32,
                                            sharding=batch_sharding)}
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config))
-    lowered = step.lower(abstract, batch)
-  cost = lowered.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    lowered = train.jit_train_step(model, tx, config, mesh, rules, state_shardings).lower(abstract, batch)
+  return lowered, abstract, batch_sharding
 
+
+def train_flops(config, mesh, rules):
+  """FLOPs of one train step from XLA's cost analysis. It counts a scan body once, so the cost is
+  taken from the unrolled program without remat (model FLOPs, not recompute)."""
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers, unrolled.model.remat_policy = False, "none"
+  cost = lower_train_step(unrolled, mesh, rules)[0].cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def plan(config, compile_program=True):
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  lowered, abstract, batch_sharding = lower_train_step(config, mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  flops = train_flops(config, mesh, rules)
+
   param_bytes = sharding.bytes_per_device(abstract["params"], state_shardings["params"])
   opt_bytes = sharding.bytes_per_device(abstract["opt_state"], state_shardings["opt_state"])
   batch_shards = math.prod(mesh.shape[a] for a in batch_sharding.spec[0] or ())
   per_device_batch = config.batch_size / batch_shards
   act_bytes = int(activation_bytes_per_example(config) * per_device_batch)
+  memory = 2 * param_bytes + opt_bytes + act_bytes  # params + gradients + optimizer + activations
+  compiled = {}
+  if compile_program:
+    stats = lowered.compile().memory_analysis()
+    # Arguments (state + batch shard) + outputs not aliased to donated inputs + temporaries.
+    memory = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                 + stats.temp_size_in_bytes)
+    compiled = {"compiled_argument_bytes": int(stats.argument_size_in_bytes),
+                "compiled_temp_bytes": int(stats.temp_size_in_bytes)}
+  unsharded = unsharded_large_params(abstract["params"], state_shardings["params"])
   return {
       "model": config.model.size,
       "image_size": list(config.image_size),
@@ -87,7 +126,10 @@ def plan(config):
       "param_bytes_per_device": param_bytes,
       "optimizer_bytes_per_device": opt_bytes,
       "activation_bytes_per_device_estimate": act_bytes,
-      # params + gradients + optimizer state + activations
-      "memory_per_device_bytes": 2 * param_bytes + opt_bytes + act_bytes,
+      **compiled,
+      "memory_per_device_bytes": memory,
+      "memory_source": "compiled" if compile_program else "estimate",
+      "num_large_params_unsharded": len(unsharded),
+      "large_params_unsharded": unsharded[:10],
       "params": count(abstract["params"]),
   }

@@ -16,14 +16,21 @@ from sapiens_jax import vit
 NORM_PIX_EPS = 1e-6
 
 
-def random_masking(rng, batch, num_tokens, mask_ratio):
-  """Per-example uniform random masking.
+def example_keys(key, batch):
+  """One PRNG key per example, so an example's mask does not depend on how the batch is split
+  (devices, micro-batches for gradient accumulation)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def random_masking(keys, num_tokens, mask_ratio):
+  """Per-example uniform random masking, example i drawn from keys[i].
 
   Returns keep_ids (B, n_keep) of the visible tokens, mask (B, N) with 1 = removed, and
   restore_ids (B, N) that put [visible, masked] tokens back in their original order.
   """
+  batch = keys.shape[0]
   num_keep = int(num_tokens * (1 - mask_ratio))
-  noise = jax.random.uniform(rng, (batch, num_tokens))
+  noise = jax.vmap(lambda k: jax.random.uniform(k, (num_tokens,)))(keys)
   shuffle_ids = jnp.argsort(noise, axis=1)
   restore_ids = jnp.argsort(shuffle_ids, axis=1)
   keep_ids = shuffle_ids[:, :num_keep]
@@ -49,6 +56,8 @@ class Decoder(nn.Module):
   grid: tuple
   patch_size: int
   dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, latent, restore_ids):
@@ -64,8 +73,8 @@ class Decoder(nn.Module):
     fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n + 1 - x.shape[1], d))
     tokens = restore_order(x[:, 1:], fill, restore_ids)
     x = jnp.concatenate([x[:, :1], tokens], axis=1) + pos_embed.astype(x.dtype)
-    for j in range(self.depth):
-      x = vit.Block(self.num_heads, self.dtype, name=f"decoder_blocks_{j}")(x)
+    x = vit.run_blocks(vit.make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers,
+                                       self.remat_policy, name="decoder_blocks"), x)
     x = vit.layer_norm("ln1", self.dtype)(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, name="decoder_pred",
                  kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
@@ -82,14 +91,17 @@ class MAE(nn.Module):
   mask_ratio: float = 0.75
 
   @nn.compact
-  def __call__(self, images):
-    """Returns predicted pixels (B, N, p*p*3) and the mask (B, N), 1 = masked. Uses the 'mask' rng."""
+  def __call__(self, images, mask_keys):
+    """Returns predicted pixels (B, N, p*p*3) and the mask (B, N), 1 = masked.
+
+    mask_keys: (B,) PRNG keys, one per example (see `example_keys`).
+    """
     tokens = self.encoder.embed(images)
-    b, n, _ = tokens.shape
-    keep_ids, mask, restore_ids = random_masking(self.make_rng("mask"), b, n, self.mask_ratio)
+    keep_ids, mask, restore_ids = random_masking(mask_keys, tokens.shape[1], self.mask_ratio)
     latent = self.encoder.encode(gather_tokens(tokens, keep_ids))
-    pred = Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads, self.encoder.grid,
-                   self.encoder.patch_size, self.encoder.dtype, name="decoder")(latent, restore_ids)
+    enc = self.encoder
+    pred = Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads, enc.grid, enc.patch_size,
+                   enc.dtype, enc.scan_layers, enc.remat_policy, name="decoder")(latent, restore_ids)
     return pred.astype(jnp.float32), mask
 
 

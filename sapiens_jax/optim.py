@@ -5,6 +5,7 @@ embeddings, the cls token and the mask token are not decayed. Fixed (sin-cos) po
 embeddings are frozen: their updates are exactly zero.
 """
 import flax
+import jax.numpy as jnp
 import optax
 
 FROZEN = ("pos_embed", "decoder_pos_embed")
@@ -40,5 +41,6 @@ def make_optimizer(config):
   o = config.optim
   adamw = optax.chain(
       optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+      optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask,
+                  mu_dtype=jnp.dtype(o.mu_dtype)))
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen_labels)

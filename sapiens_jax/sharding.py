@@ -21,6 +21,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("layers", None),  # the stacked-layers axis of scanned blocks
 )
 
 
@@ -55,10 +56,35 @@ def batch_sharding(mesh, rules_):
   return jax.sharding.NamedSharding(mesh, spec)
 
 
+FSDP_MIN_BYTES = 1 << 20
+
+
 def tree_shardings(abstract_boxed_tree, mesh, rules_):
-  """NamedShardings for a tree whose leaves carry logical names (LogicallyPartitioned boxes)."""
+  """NamedShardings for a tree whose leaves carry logical names (LogicallyPartitioned boxes).
+
+  A leaf of >= 1 MiB that the rules leave fully replicated (e.g. the stacked biases of scanned
+  layers) is split over `fsdp` along its largest divisible dimension, so FSDP really shards
+  every large tensor.
+  """
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules_)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules_)
+  values = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
+                        abstract_boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return jax.tree.map(lambda leaf, s: _fsdp_fallback(leaf, s, mesh), values, shardings)
+
+
+def _fsdp_fallback(leaf, named_sharding, mesh):
+  fsdp = mesh.shape["fsdp"]
+  nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  if fsdp == 1 or nbytes < FSDP_MIN_BYTES or not named_sharding.is_fully_replicated:
+    return named_sharding
+  divisible = [d for d in range(len(leaf.shape)) if leaf.shape[d] % fsdp == 0]
+  if not divisible:
+    return named_sharding
+  dim = max(divisible, key=lambda d: leaf.shape[d])
+  spec = [None] * len(leaf.shape)
+  spec[dim] = "fsdp"
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def bytes_per_device(abstract_tree, shardings):

@@ -27,7 +27,7 @@ from sapiens_jax.data import pipeline
 def init_state(model, tx, image_size, rng):
   """The train state with logically-annotated (boxed) params; use under jax.eval_shape or jit."""
   dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
-  params = model.init({"params": rng, "mask": rng}, dummy)["params"]
+  params = model.init(rng, dummy, mae.example_keys(rng, 1))["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
@@ -43,15 +43,37 @@ def create_train_state(model, tx, config, mesh, rules):
   return state, abstract
 
 
-def loss_fn(params, model, images, rng, config):
-  pred, mask = model.apply({"params": params}, images, rngs={"mask": rng})
+def loss_fn(params, model, images, mask_keys, config):
+  pred, mask = model.apply({"params": params}, images, mask_keys)
   return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
 
 
+def loss_and_grads(params, model, images, mask_keys, config):
+  """Mean loss and gradients over the batch, in `config.grad_accum_steps` sequential micro-batches.
+
+  Every example keeps its own mask key and every micro-batch masks the same number of tokens, so
+  the result equals one pass over the whole batch. Micro-batch i takes rows i, i+k, i+2k, ... so
+  each one stays spread over all devices of the batch axis.
+  """
+  grad_fn = jax.value_and_grad(lambda p, x, k: loss_fn(p, model, x, k, config)[0])
+  k = config.grad_accum_steps
+  if k == 1:
+    return grad_fn(params, images, mask_keys)
+  split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  def accumulate(carry, micro_batch):
+    loss, grads = grad_fn(params, *micro_batch)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(images), split(mask_keys)))
+  return jax.tree.map(lambda x: x / k, (loss, grads))
+
+
 def train_step(state, batch, *, model, tx, config):
-  rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, _), grads = grad_fn(state["params"], model, batch["image"], rng, config)
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  mask_keys = mae.example_keys(step_key, batch["image"].shape[0])
+  loss, grads = loss_and_grads(state["params"], model, batch["image"], mask_keys, config)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   trainable = jax.tree.map(lambda g, label: g if label == "train" else jnp.zeros_like(g),
@@ -61,9 +83,23 @@ def train_step(state, batch, *, model, tx, config):
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
+def jit_train_step(model, tx, config, mesh, rules, state_shardings):
+  """The train step, jitted with explicit shardings; the old state's buffers are donated.
+
+  Call it under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` so activation
+  constraints resolve.
+  """
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                 in_shardings=(state_shardings, {"image": batch_sharding}),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
 def eval_step(params, batch, *, model, config):
   """Loss and reconstruction on a fixed batch with a fixed mask, comparable across steps."""
-  loss, (pred, mask) = loss_fn(params, model, batch["image"], jax.random.key(config.seed + 1), config)
+  keys = mae.example_keys(jax.random.key(config.seed + 1), batch["image"].shape[0])
+  loss, (pred, mask) = loss_fn(params, model, batch["image"], keys, config)
   return loss, pred, mask
 
 
@@ -71,6 +107,9 @@ def check_config(config):
   n = jax.process_count()
   if config.batch_size % n:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {n} processes")
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
+                     f"config.grad_accum_steps={config.grad_accum_steps}")
   for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps", "total_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}")
@@ -115,14 +154,10 @@ def train_and_evaluate(config, workdir):
     logging.info("Resumed from %s at step %d", manager.directory, start_step)
 
   # Compiled steps.
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    p_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=config),
-        in_shardings=(state_shardings, {"image": batch_sharding}),
-        out_shardings=(state_shardings, replicated), donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
-                          in_shardings=(state_shardings["params"], {"image": batch_sharding}),
-                          out_shardings=replicated)
+  p_train_step = jit_train_step(model, tx, config, mesh, rules, state_shardings)
+  p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
+                        in_shardings=(state_shardings["params"], {"image": batch_sharding}),
+                        out_shardings=replicated)
 
   writer = writers.MetricWriter(workdir, enabled=is_chief)
   progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)

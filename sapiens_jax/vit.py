@@ -25,6 +25,13 @@ SIZES = {
 
 LN_EPS = 1e-6  # every LayerNorm in Sapiens (blocks, final norm, MAE decoder)
 
+# Activation checkpointing of each block: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,                                          # keep everything (fastest, most memory)
+    "dots": jax.checkpoint_policies.checkpoint_dots,       # keep matmul outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,      # keep only block inputs
+}
+
 
 def size_dims(size):
   """(width, depth, heads) for a size name, with an error that lists the valid names."""
@@ -126,6 +133,36 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
+class ScanBlock(Block):
+  """A Block in the (carry, x) -> (carry, y) form that nn.scan wants."""
+
+  def __call__(self, x, _):
+    return super().__call__(x), None
+
+
+def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
+  """`depth` blocks: a list (params `name_0`, `name_1`, ...) or, with `scan`, one scanned module whose
+  params are stacked on a leading "layers" axis (one compiled block body: faster compiles)."""
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  policy = REMAT_POLICIES[remat_policy]
+  block = ScanBlock if scan else Block
+  if policy is not None:
+    block = nn.remat(block, policy=policy, prevent_cse=not scan)
+  if not scan:
+    return [block(num_heads, dtype, name=None if name is None else f"{name}_{i}") for i in range(depth)]
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(num_heads, dtype, name=name)
+
+
+def run_blocks(blocks, x):
+  if isinstance(blocks, (list, tuple)):
+    for block in blocks:
+      x = block(x)
+    return x
+  return blocks(x, None)[0]
+
+
 class ViT(nn.Module):
   """Sapiens ViT: patch-16 conv embedding, optional cls token, L pre-norm blocks, final LayerNorm.
 
@@ -139,6 +176,8 @@ class ViT(nn.Module):
   use_cls_token: bool = True
   patch_padding: int = 0  # some task finetunes pad the patch conv by 2 (reference §1.3)
   dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @property
   def grid(self):
@@ -161,7 +200,7 @@ class ViT(nn.Module):
     gh, gw = self.grid
     self.pos_embed = self.param(
         "pos_embed", partitioned(sincos_init(self.grid, extra), (None, None, "embed")), (1, extra + gh * gw, c))
-    self.layers = [Block(self.num_heads, self.dtype) for _ in range(self.depth)]
+    self.layers = make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers, self.remat_policy)
     self.ln1 = layer_norm("ln1", self.dtype)
 
   def embed(self, images):
@@ -179,9 +218,7 @@ class ViT(nn.Module):
     if self.use_cls_token:
       cls = (self.cls_token + self.pos_embed[:, :1]).astype(self.dtype)
       tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], axis=1)
-    for layer in self.layers:
-      tokens = layer(tokens)
-    return self.ln1(tokens)
+    return self.ln1(run_blocks(self.layers, tokens))
 
   def __call__(self, images):
     return self.encode(self.embed(images))
@@ -191,4 +228,5 @@ def vit_from_config(model_config, image_size, use_cls_token=True):
   width, depth, heads = size_dims(model_config.size)
   return ViT(width=width, depth=depth, num_heads=heads, image_size=tuple(image_size),
              patch_size=model_config.patch_size, use_cls_token=use_cls_token,
-             dtype=jnp.dtype(model_config.dtype))
+             dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
+             remat_policy=model_config.remat_policy)

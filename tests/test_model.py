@@ -21,8 +21,7 @@ def abstract_mae_params(size, image_size=(1024, 1024)):
   width, depth, heads = vit.SIZES[size]
   model = mae.MAE(encoder=vit.ViT(width, depth, heads, image_size))
   variables = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
-                         jnp.zeros((1, *image_size, 3))))
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_size, 3)), mae.example_keys(jax.random.key(1), 1)))
   return nn.unbox(variables["params"])
 
 
@@ -69,8 +68,8 @@ def test_encoder_param_shapes_follow_the_reference_layout():
 
 def test_every_parameter_has_logical_axis_names():
   model = mae.MAE(encoder=vit.ViT(64, 2, 4, (64, 64)), decoder_width=32, decoder_depth=1, decoder_heads=2)
-  boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "mask": jax.random.key(0)},
-                                            jnp.zeros((1, 64, 64, 3))))["params"]
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                            mae.example_keys(jax.random.key(0), 1)))["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   assert all(len(x.names) == len(x.value.shape) for x in leaves)
@@ -91,23 +90,27 @@ def test_sincos_position_embedding_matches_formula():
 
 def test_random_masking_keeps_a_quarter_per_example_reproducibly():
   batch, n = 6, 64
-  keep, mask, restore = mae.random_masking(jax.random.key(3), batch, n, 0.75)
+  keys = mae.example_keys(jax.random.key(3), batch)
+  keep, mask, restore = mae.random_masking(keys, n, 0.75)
   assert keep.shape == (batch, 16) and mask.shape == (batch, n) and restore.shape == (batch, n)
   np.testing.assert_array_equal(mask.sum(axis=1), 48)
   for i in range(batch):  # mask is 0 exactly at the kept tokens
     np.testing.assert_array_equal(np.flatnonzero(mask[i] == 0), np.sort(np.asarray(keep[i])))
   sets = {tuple(sorted(np.asarray(k).tolist())) for k in keep}
   assert len(sets) == batch  # a different set for every example
-  keep2, mask2, _ = mae.random_masking(jax.random.key(3), batch, n, 0.75)
+  keep2, mask2, _ = mae.random_masking(keys, n, 0.75)
   np.testing.assert_array_equal(keep, keep2)
   np.testing.assert_array_equal(mask, mask2)
-  _, mask3, _ = mae.random_masking(jax.random.key(4), batch, n, 0.75)
+  _, mask3, _ = mae.random_masking(mae.example_keys(jax.random.key(4), batch), n, 0.75)
   assert not np.array_equal(mask, mask3)
+  # An example's mask depends on its own key only, not on the rest of the batch.
+  _, mask_half, _ = mae.random_masking(keys[3:], n, 0.75)
+  np.testing.assert_array_equal(mask_half, mask[3:])
 
 
 def test_restore_order_puts_every_token_back():
   batch, n = 3, 16
-  keep, mask, restore = mae.random_masking(jax.random.key(0), batch, n, 0.75)
+  keep, mask, restore = mae.random_masking(mae.example_keys(jax.random.key(0), batch), n, 0.75)
   tokens = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :, None], (batch, n, 2))
   visible = mae.gather_tokens(tokens, keep)
   fill = jnp.full((batch, n - keep.shape[1], 2), -1.0)
@@ -198,9 +201,8 @@ def test_vit_forward_matches_numpy_reference():
 def test_mae_forward_shapes_and_mask():
   model = mae.MAE(encoder=vit.ViT(64, 1, 4, (64, 64)), decoder_width=32, decoder_depth=1, decoder_heads=2)
   images = jnp.ones((3, 64, 64, 3))
-  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
-  params = model.init(rngs, images)["params"]
-  pred, mask = model.apply({"params": params}, images, rngs={"mask": jax.random.key(2)})
+  params = model.init(jax.random.key(0), images, mae.example_keys(jax.random.key(1), 3))["params"]
+  pred, mask = model.apply({"params": params}, images, mae.example_keys(jax.random.key(2), 3))
   assert pred.shape == (3, 16, 768) and pred.dtype == jnp.float32
   np.testing.assert_array_equal(mask.sum(axis=1), 12)
 

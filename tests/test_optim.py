@@ -29,8 +29,8 @@ def test_schedule_warms_up_linearly_then_cosine_to_min(tiny_config):
 
 def _params():
   model = mae.MAE(encoder=vit.ViT(64, 1, 4, (32, 32)), decoder_width=32, decoder_depth=1, decoder_heads=2)
-  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
-  return model, nn.unbox(model.init(rngs, jnp.zeros((1, 32, 32, 3)))["params"])
+  keys = mae.example_keys(jax.random.key(1), 1)
+  return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), keys)["params"])
 
 
 def test_weight_decay_only_on_weights():

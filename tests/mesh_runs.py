@@ -1,0 +1,94 @@
+"""Trains a tiny MAE for a few steps under several meshes and settings; prints losses and params.
+
+Run by tests/test_sharding.py in a subprocess with 8 host CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8). Every setting starts from the same
+parameters and sees the same batches, so the results must agree.
+"""
+import json
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+
+from sapiens_jax import default_config
+from sapiens_jax import mae
+from sapiens_jax import optim
+from sapiens_jax import sharding
+from sapiens_jax import train
+
+STEPS = 3
+
+
+def tiny_config(setting):
+  c = default_config.pretrain("tiny")
+  c.image_size = (32, 32)
+  c.batch_size = 8
+  c.total_steps = 10
+  c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 2, 2
+  c.optim.base_lr, c.optim.warmup_steps = 0.05, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = setting.get("mesh", (1, 1, 1))
+  c.model.scan_layers = setting.get("scan", False)
+  c.model.remat_policy = setting.get("remat", "none")
+  c.grad_accum_steps = setting.get("accum", 1)
+  return c
+
+
+def stack_blocks(params, prefix):
+  """Unscanned {prefix_0: t0, prefix_1: t1, ...} -> scanned {prefix: leaves stacked on axis 0}."""
+  blocks = [params.pop(f"{prefix}_{i}") for i in range(len([k for k in params if k.startswith(prefix + "_")]))]
+  params[prefix] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+
+
+def reference_params():
+  model = mae.mae_from_config(tiny_config({}))
+  return jax.device_get(nn.unbox(train.init_state(model, optim.make_optimizer(tiny_config({})),
+                                                  (32, 32), jax.random.key(0))["params"]))
+
+
+def run(setting, params0, batches):
+  config = tiny_config(setting)
+  n = int(np.prod(config.mesh.values()))
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
+  rules = sharding.rules(config)
+  model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
+  params = flax.core.unfreeze(jax.tree.map(np.array, params0))
+  if config.model.scan_layers:
+    stack_blocks(params["encoder"], "layers")
+    stack_blocks(params["decoder"], "decoder_blocks")
+  _, abstract = train.create_train_state(model, tx, config, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  state = {"step": np.zeros((), np.int32), "params": params, "opt_state": tx.init(params)}
+  state = jax.device_put(state, shardings)
+  step = train.jit_train_step(model, tx, config, mesh, rules, shardings)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for images in batches:
+      state, metrics = step(state, {"image": jax.device_put(images, batch_sharding)})
+      losses.append(float(metrics["loss"]))
+  params = jax.device_get(state["params"])
+  if config.model.scan_layers:  # unstack for comparison
+    for part, prefix in (("encoder", "layers"), ("decoder", "decoder_blocks")):
+      stacked = params[part].pop(prefix)
+      depth = jax.tree.leaves(stacked)[0].shape[0]
+      for i in range(depth):
+        params[part][f"{prefix}_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  sharded = sorted(k for k, s in flax.traverse_util.flatten_dict(shardings["params"], sep="/").items()
+                   if not s.is_fully_replicated)
+  return {"losses": losses, "params": {k: np.asarray(v).ravel()[:64].tolist() for k, v in flat.items()},
+          "sharded": sharded}
+
+
+def main():
+  settings = json.loads(sys.argv[1])
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(8, 32, 32, 3)).astype(np.float32) for _ in range(STEPS)]
+  params0 = reference_params()
+  print(json.dumps({name: run(s, params0, batches) for name, s in settings.items()}))
+
+
+if __name__ == "__main__":
+  main()
