@@ -92,14 +92,13 @@ def train_flops(config, mesh, rules):
 def plan(config, compile_program=True):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
-  lowered, abstract, batch_sharding = lower_train_step(config, mesh, rules)
+  lowered, abstract, _ = lower_train_step(config, mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
   flops = train_flops(config, mesh, rules)
 
   param_bytes = sharding.bytes_per_device(abstract["params"], state_shardings["params"])
   opt_bytes = sharding.bytes_per_device(abstract["opt_state"], state_shardings["opt_state"])
-  batch_shards = math.prod(mesh.shape[a] for a in batch_sharding.spec[0] or ())
-  per_device_batch = config.batch_size / batch_shards
+  per_device_batch = config.batch_size / sharding.batch_shards(mesh, rules)
   act_bytes = int(activation_bytes_per_example(config) * per_device_batch)
   memory = 2 * param_bytes + opt_bytes + act_bytes  # params + gradients + optimizer + activations
   compiled = {}

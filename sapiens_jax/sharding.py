@@ -59,6 +59,13 @@ def batch_sharding(mesh, rules_):
 FSDP_MIN_BYTES = 1 << 20
 
 
+def batch_shards(mesh, rules_):
+  """Into how many pieces the batch dimension is split."""
+  axes = batch_sharding(mesh, rules_).spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def tree_shardings(abstract_boxed_tree, mesh, rules_):
   """NamedShardings for a tree whose leaves carry logical names (LogicallyPartitioned boxes).
 

@@ -11,6 +11,7 @@ import os
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -97,10 +98,12 @@ def jit_train_step(model, tx, config, mesh, rules, state_shardings):
 
 
 def eval_step(params, batch, *, model, config):
-  """Loss and reconstruction on a fixed batch with a fixed mask, comparable across steps."""
+  """Loss on a small fixed batch with fixed masks, comparable across steps, and the first
+  `num_viz_images` examples with their reconstruction (small enough to hand to every device)."""
   keys = mae.example_keys(jax.random.key(config.seed + 1), batch["image"].shape[0])
   loss, (pred, mask) = loss_fn(params, model, batch["image"], keys, config)
-  return loss, pred, mask
+  n = config.num_viz_images
+  return loss, batch["image"][:n], pred[:n], mask[:n]
 
 
 def check_config(config):
@@ -140,7 +143,11 @@ def train_and_evaluate(config, workdir):
       pipeline.make_pretrain_iterator, config.data, image_size=image_size, batch_size=local_batch,
       process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = make_iterator(seed=config.seed)
-  viz_batch = next(make_iterator(seed=config.seed + 1))  # a fixed batch for eval loss and pictures
+  # A fixed small batch for the eval loss and pictures: the smallest multiple of the batch shards
+  # (and processes) that holds num_viz_images.
+  unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
+  eval_batch = unit * -(-config.num_viz_images // unit)
+  viz_batch = next(make_iterator(seed=config.seed + 1, batch_size=eval_batch // jax.process_count()))
 
   def to_global(local):
     return {"image": jax.make_array_from_process_local_data(batch_sharding, local["image"])}
@@ -177,20 +184,18 @@ def train_and_evaluate(config, workdir):
               f"{manager.latest_step()} in {manager.directory}. Lower optim.base_lr or raise "
               f"optim.warmup_steps and resume.")
         steps_per_sec, examples_per_sec = progress.rates(step)
+        all_skipped = multihost_utils.process_allgather(np.int64(skipped)).sum()  # every process
         metrics.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
-                       data_skipped=float(skipped))
+                       data_skipped=float(all_skipped))
         writer.write_scalars(step, metrics)
         progress.update(step, loss=metrics["loss"], lr=metrics["learning_rate"])
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
-        loss, pred, mask = p_eval_step(state["params"], to_global(viz_batch))
+        loss, images, pred, mask = jax.device_get(p_eval_step(state["params"], to_global(viz_batch)))
         writer.write_scalars(step, {"eval_loss": float(loss)})
         if is_chief:
-          rows = len(viz_batch["image"])  # this process's examples come first in the global batch
-          grid = visualize.reconstruction_grid(
-              viz_batch["image"], np.asarray(pred.addressable_data(0))[:rows],
-              np.asarray(mask.addressable_data(0))[:rows], config.model.patch_size,
-              config.model.norm_pix_loss, max_rows=config.num_viz_images)
+          grid = visualize.reconstruction_grid(images, pred, mask, config.model.patch_size,
+                                               config.model.norm_pix_loss, max_rows=config.num_viz_images)
           visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)
           writer.write_image(step, "reconstruction", grid)
 

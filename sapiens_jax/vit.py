@@ -77,6 +77,14 @@ def layer_norm(name, dtype):
       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
 
+def attention_implementation(head_dim, dtype, backend=None):
+  """cuDNN's fused flash attention where it applies (GPU, 16-bit, head dim a multiple of 8 up to
+  128), XLA elsewhere (CPU, TPU, float32, and Sapiens-2B's head dim of 60)."""
+  backend = backend or jax.default_backend()
+  fits = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if backend == "gpu" and fits else "xla"
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused q|k|v projection (heads contiguous inside q, k, v)."""
   num_heads: int
@@ -95,7 +103,7 @@ class Attention(nn.Module):
     qkv = jnp.einsum("btc,cshd->btshd", x, qkv_kernel.astype(self.dtype)) + qkv_bias.astype(self.dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(head_dim, self.dtype))
     proj_kernel = self.param(
         "proj_kernel", partitioned(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
                                    ("heads", "kv", "embed")), (self.num_heads, head_dim, width))

@@ -380,16 +380,34 @@ def test_pipeline_reshuffles_every_epoch_and_covers_each_record(tmp_path):
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
 
 
-def test_pipeline_process_slices_are_disjoint(tmp_path):
+def test_pipeline_processes_hold_consecutive_blocks_of_the_global_batch(tmp_path):
+  # Whatever the process count, global batch s (the processes' batches in
+  # process order) is the same: that is what makes a 2-process run train
+  # exactly like a 1-process one. 3 steps cross an epoch of 12 records.
   root = write_tagged_folder(tmp_path / "tagged")
-  half = NUM_TAGGED // 2
-  seen = []
-  for process_index in range(2):
-    iterator = tagged_iterator(root, batch_size=half,
-                               process_index=process_index, process_count=2)
-    seen.append(record_ids(next(iterator)))
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == list(range(NUM_TAGGED))
+  one = take(tagged_iterator(root, batch_size=6), 3)
+  for count in (2, 3):
+    parts = [take(tagged_iterator(root, batch_size=6 // count,
+                                  process_index=p, process_count=count), 3)
+             for p in range(count)]
+    joined = [{k: np.concatenate([part[s][k] for part in parts])
+               for k in ("image", "skipped")} for s in range(3)]
+    assert_batches_equal(joined, one)
+
+
+def test_pipeline_process_decodes_only_its_own_images(tmp_path, monkeypatch):
+  root = write_tagged_folder(tmp_path / "tagged", num=24)
+  decoded = []
+  decode = transforms.decode_image
+  monkeypatch.setattr(transforms, "decode_image",
+                      lambda data, name: decoded.append(name) or decode(data, name))
+  mine = record_ids(next(tagged_iterator(root, batch_size=2, process_index=0,
+                                         process_count=2)))
+  monkeypatch.undo()
+  # 6 global batches of 4 make an epoch, so each record is in one block.
+  others = {i for b in take(tagged_iterator(root), 6) for i in record_ids(b)[2:]}
+  assert mine and not set(mine) & others
+  assert not {int(os.path.basename(n)[4:6]) for n in decoded} & others
 
 
 def test_pipeline_raises_naming_the_corrupt_file(tmp_path):

@@ -223,3 +223,12 @@ def test_patchify_order_matches_loss_target():
   images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.float32).reshape(2, 32, 32, 3)
   p = patches.patchify(images, 16)
   np.testing.assert_array_equal(p[1, 3], np.asarray(images[1, 16:32, 16:32, :]).reshape(-1))
+
+
+def test_attention_uses_cudnn_only_where_it_applies():
+  assert vit.attention_implementation(64, jnp.bfloat16, backend="gpu") == "cudnn"
+  assert vit.attention_implementation(80, jnp.float16, backend="gpu") == "cudnn"
+  assert vit.attention_implementation(60, jnp.bfloat16, backend="gpu") == "xla"  # Sapiens-2B
+  assert vit.attention_implementation(64, jnp.float32, backend="gpu") == "xla"
+  assert vit.attention_implementation(64, jnp.bfloat16, backend="cpu") == "xla"
+  assert vit.attention_implementation(64, jnp.bfloat16, backend="tpu") == "xla"

@@ -62,7 +62,9 @@ def make_pretrain_iterator(data_config, *, image_size, batch_size, seed,
   """Infinite, checkpointable iterator of this process's pretraining batches.
 
   Yields {"image": float32 (batch_size, H, W, 3) normalised,
-          "skipped": int32 (batch_size,)}; `batch_size` is per process.
+          "skipped": int32 (batch_size,)}; `batch_size` is per process, and
+  process p's batches are rows [p * batch_size, (p + 1) * batch_size) of the
+  global batches that one process with process_count * batch_size would read.
   The result is a `grain.DatasetIterator`: save/restore it with
   `get_state()`/`set_state()` or Orbax's `grain.checkpoint.CheckpointSave`.
   """
@@ -81,10 +83,15 @@ def make_pretrain_iterator(data_config, *, image_size, batch_size, seed,
   # global indices through, so every epoch gets a fresh permutation.
   dataset = dataset.shuffle().repeat()
   # Augment before slicing per process: random_map seeds each element's RNG
-  # with its index, so this way every process gets distinct random streams.
+  # with its index in the stream, so every process gets distinct random draws.
   dataset = dataset.random_map(load)
-  dataset = dataset[process_index::process_count]
+  # Batch, then deal whole batches round-robin: global batch s is stream
+  # elements [s * global, (s + 1) * global) with process p holding the p-th
+  # block, in row order, so any process count trains on the same batches
+  # (and mask keys, which follow the row). Batching is lazy: a process only
+  # decodes its own blocks.
   dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset[process_index::process_count]
   iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
   if data_config.num_workers > 0:
     # Grain's worker start-up reads an absl flag (once jax is imported), which

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# A multi-process run on this machine, each process with its own CPU devices: exercises the
+# multi-host code paths (per-process data, global arrays, chief-only logging, sharded
+# checkpoints) without a cluster.
+#
+#   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS -- ARGS...
+#   launch/local.sh 2 4 -- --config=configs/quickstart.py --workdir=/tmp/sapiens_2proc
+#
+# ARGS go to `python -m sapiens_jax.main` (the `python` on PATH, run from the repository root).
+# Output of process i is prefixed with "[process i]". Exits non-zero if any process fails, and
+# then stops the others rather than leaving them waiting for it.
+set -euo pipefail
+
+if [[ $# -lt 3 || $3 != "--" ]]; then
+  sed -n '2,11p' "$0" >&2
+  exit 2
+fi
+num_processes=$1
+devices_per_process=$2
+shift 3
+cd "$(dirname "$0")/.."
+
+port=$(python -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
+declare -A running  # pid -> process index
+trap 'kill "${!running[@]}" 2>/dev/null; exit 143' INT TERM
+for ((i = 0; i < num_processes; i++)); do
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices_per_process" \
+    python -m sapiens_jax.main "$@" --coordinator_address="localhost:$port" \
+      --num_processes="$num_processes" --process_id="$i" > >(sed -u "s/^/[process $i] /") 2>&1 &
+  running[$!]=$i
+done
+
+status=0
+while ((${#running[@]})); do
+  code=0
+  wait -n -p finished "${!running[@]}" || code=$?
+  i=${running[$finished]}
+  unset "running[$finished]"
+  if ((code && !status)); then
+    echo "[launch/local.sh] process $i exited with status $code; stopping the others" >&2
+    kill "${!running[@]}" 2>/dev/null || true
+    status=1
+  fi
+done
+exit $status
