@@ -6,11 +6,18 @@ iterator position, so a resumed run sees exactly the samples an uninterrupted ru
 """
 import os
 
+from absl import logging
 import grain
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 # Config entries that change the shapes of the saved state.
 _SHAPE_KEYS = ("model", "image_size")
+
+
+class MismatchError(ValueError):
+  """The workdir holds a checkpoint of another model: never fall back, never overwrite."""
 
 
 def make_manager(workdir, config):
@@ -40,7 +47,7 @@ def check_compatible(manager, step, config):
     elif _norm(old) != _norm(new):
       diffs.append(f"{key}: checkpoint has {old!r}, config has {new!r}")
   if diffs:
-    raise ValueError(
+    raise MismatchError(
         f"{manager.directory} holds a checkpoint (step {step}) of a different model:\n  " + "\n  ".join(diffs)
         + "\nUse a fresh --workdir, or the config the checkpoint was trained with.")
 
@@ -55,3 +62,44 @@ def restore(manager, step, abstract_state, data_iterator):
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iterator)))
   return restored["state"]
+
+
+def restore_newest(manager, abstract_state, data_iterator, config):
+  """(step, state) of the newest checkpoint that restores completely, or (0, None) if none exist.
+
+  A damaged newest checkpoint (truncated or missing files) is reported with a warning naming both
+  steps and moved aside to `checkpoints_damaged/` (kept for inspection, out of the way of the
+  re-save), and the next older one is used. Partial data is never loaded silently.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  damaged = []
+  for i, step in enumerate(steps):
+    try:
+      check_compatible(manager, step, config)
+      state = restore(manager, step, abstract_state, data_iterator)
+    except MismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore raise many types)
+      if i + 1 == len(steps):
+        raise RuntimeError(f"no checkpoint in {manager.directory} could be restored; the oldest, "
+                           f"step {step}, failed with: {e}") from e
+      logging.warning("Checkpoint step %d in %s is damaged (%s: %s); falling back to step %d.",
+                      step, manager.directory, type(e).__name__, str(e)[:300], steps[i + 1])
+      damaged.append(step)
+      continue
+    _move_aside(manager, damaged)
+    return step, state
+  return 0, None
+
+
+def _move_aside(manager, steps):
+  if not steps:
+    return
+  aside = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_damaged")
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.replace(os.path.join(str(manager.directory), str(step)), os.path.join(aside, str(step)))
+      logging.warning("Moved damaged checkpoint step %d to %s.", step, aside)
+  multihost_utils.sync_global_devices("sapiens_jax: damaged checkpoints moved")
+  manager.reload()

@@ -7,6 +7,8 @@ data iterator position is checkpointed, so a resumed run repeats an uninterrupte
 import functools
 import math
 import os
+import signal
+import threading
 
 from absl import logging
 import flax.linen as nn
@@ -106,6 +108,29 @@ def eval_step(params, batch, *, model, config):
   return loss, batch["image"][:n], pred[:n], mask[:n]
 
 
+class PreemptionSignal:
+  """SIGTERM (what schedulers and TPU maintenance send) asks the loop to checkpoint and stop.
+
+  With several processes they must stop at the same step, so the flag is agreed on (a collective)
+  only at logging steps; a single process checks it every step.
+  """
+
+  def __enter__(self):
+    self._flag = threading.Event()
+    self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+    return self
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def received(self, sync_point):
+    if jax.process_count() == 1:
+      return self._flag.is_set()
+    if not sync_point:
+      return False
+    return bool(multihost_utils.process_allgather(np.int32(self._flag.is_set())).max())
+
+
 def check_config(config):
   n = jax.process_count()
   if config.batch_size % n:
@@ -154,10 +179,9 @@ def train_and_evaluate(config, workdir):
 
   # Resume from the newest checkpoint in the workdir, if any.
   manager = checkpoint.make_manager(workdir, config)
-  start_step = manager.latest_step() or 0
+  start_step, restored = checkpoint.restore_newest(manager, abstract_state, data_iter, config)
   if start_step:
-    checkpoint.check_compatible(manager, start_step, config)
-    state = checkpoint.restore(manager, start_step, abstract_state, data_iter)
+    state = restored
     logging.info("Resumed from %s at step %d", manager.directory, start_step)
 
   # Compiled steps.
@@ -169,7 +193,8 @@ def train_and_evaluate(config, workdir):
   writer = writers.MetricWriter(workdir, enabled=is_chief)
   progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)
   skipped = 0
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  preemption = PreemptionSignal()
+  with preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, config.total_steps + 1):
       batch = next(data_iter)
       skipped += int(np.sum(batch["skipped"]))
@@ -199,8 +224,15 @@ def train_and_evaluate(config, workdir):
           visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)
           writer.write_image(step, "reconstruction", grid)
 
-      if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+      stop = preemption.received(sync_point=step % config.log_every_steps == 0)
+      if stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
         checkpoint.save(manager, step, state, data_iter, config)
+      if stop:
+        manager.wait_until_finished()
+        logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved in %s. Run the same "
+                        "command to resume.", step, manager.directory)
+        writer.close()
+        return state
 
   manager.wait_until_finished()
   writer.close()

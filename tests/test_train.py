@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -130,3 +131,43 @@ def test_dry_run_of_2b_reports_table2_params_without_allocating():
   assert plan["flops_per_example"] > 3 * 2 * plan["paper_flops"] / 4
   assert isinstance(plan["memory_per_device_bytes"], int)
   assert plan["memory_per_device_bytes"] > 4 * plan["params"] * 4  # params, grads, 2 Adam moments
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_finishes(tmp_path):
+  args = [sys.executable, "-m", "sapiens_jax.main", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+          "--config.model.size=tiny", "--config.image_size=(32, 32)", "--config.batch_size=8",
+          "--config.total_steps=100000", "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+          "--config.model.decoder_width=32", "--config.model.decoder_depth=1", "--config.model.decoder_heads=2"]
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # wait until it trains
+    lines.append(line)
+    if "step 3/" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, "".join(lines) + rest
+  assert "Preempted (SIGTERM)" in rest and "Run the same command to resume" in rest
+  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+  assert len(saved) == 1 and 3 <= saved[0] < 1000
+  last_logged = max(losses(tmp_path))
+  assert saved[0] == last_logged  # nothing trained after the save is lost or half-written
+  out = run_main(*args[3:4], f"--workdir={tmp_path}", *args[5:6], *args[6:8],
+                 f"--config.total_steps={saved[0] + 2}", *args[9:])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(losses(tmp_path))[-3:] == [saved[0], saved[0] + 1, saved[0] + 2]
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tiny_config, tmp_path, caplog):
+  tiny_config.total_steps = 8
+  train.train_and_evaluate(tiny_config, str(tmp_path))  # checkpoints at 4 and 8
+  state_dir = tmp_path / "checkpoints" / "8" / "state"
+  biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # truncated
+  tiny_config.total_steps = 10
+  with caplog.at_level("WARNING"):
+    state = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert int(state["step"]) == 10
+  assert any("step 8" in r.getMessage() and "falling back to step 4" in r.getMessage() for r in caplog.records)
+  assert sorted(losses(tmp_path))[-6:] == [5, 6, 7, 8, 9, 10]  # resumed after step 4
+  assert os.listdir(tmp_path / "checkpoints_damaged") == ["8"]  # kept, not deleted
