@@ -1,0 +1,217 @@
+r"""Times the jitted MAE train step on a fixed device-resident batch; prints one JSON line.
+
+  python benchmarks/train_step.py --config=configs/quickstart.py [--config.key=value ...] \
+      [--steps=10] [--warmup=2] [--torch] [--threads=N] [--breakdown]
+
+The step is exactly what training runs (train.create_train_state + train.jit_train_step, on the
+configured mesh), so the input pipeline is excluded and the number is the model's ceiling. MFU is
+analytic model FLOPs (`model_flops_per_step`) over the device peak: a table for accelerators, and on
+CPU a float32 jnp.dot matmul measured in the same run. `--torch` also times the PyTorch eager
+reference of the same model and batch (benchmarks/torch_mae.py). XLA:CPU sizes its thread pool
+from the CPUs this process may run on (limit it with `taskset`); `--threads` sets torch's only.
+On a shared CPU, compare the `cpu_s_per_step` fields (process CPU time): other processes stretch
+wall time but hardly the CPU seconds the step itself needs.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from sapiens_jax import mae
+from sapiens_jax import optim
+from sapiens_jax import sharding
+from sapiens_jax import train
+from sapiens_jax import vit
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; the step time is their median.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch eager reference step.")
+_THREADS = flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)), "torch.set_num_threads.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time forward and forward+backward alone.")
+flags.mark_flags_as_required(["config"])
+
+# Dense per-chip peak FLOP/s as (bfloat16, float32) by device_kind prefix, longest prefix first.
+# float32 dots run at default precision: TF32 tensor cores on these GPUs, one bf16 pass on TPUs.
+PEAK_FLOPS = {
+    "NVIDIA H100 PCIe": (756e12, 378e12),
+    "NVIDIA H100": (989e12, 495e12),  # SXM
+    "NVIDIA H200": (989e12, 495e12),
+    "NVIDIA A100": (312e12, 156e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),  # v5e
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5": (459e12, 459e12),  # v5p reports "TPU v5"
+    "TPU v6 lite": (918e12, 918e12),  # v6e
+}
+
+
+def block_flops(tokens, width):
+  """Forward FLOPs of one pre-norm block on n tokens of width C (4C MLP), 2 per multiply-add.
+
+  qkv 6nC^2 + proj 2nC^2 + MLP 16nC^2 + scores QK^T 2n^2C + weighted values AV 2n^2C.
+  """
+  return 24 * tokens * width ** 2 + 4 * tokens ** 2 * width
+
+
+def mae_forward_flops(config):
+  """Forward matmul FLOPs of one example through the MAE, as sapiens_jax.mae computes it.
+
+  With N = (H/p)(W/p) patches, n_e = 1 + int(N (1 - mask_ratio)) encoder tokens (visible + cls),
+  n_d = 1 + N decoder tokens, encoder (C, L), decoder (D, L_d):
+    2 N (3p^2) C                   patch embedding (a strided conv, run on all N patches)
+  + L block_flops(n_e, C)          encoder on the visible tokens + cls
+  + 2 n_e C D                      decoder_embed
+  + L_d block_flops(n_d, D)        decoder on all tokens + cls
+  + 2 n_d D (3p^2)                 decoder_pred
+  Norms, softmax, GELU, masking and the loss are left out (not matmuls).
+  """
+  width, depth, _ = vit.size_dims(config.model.size)
+  m = config.model
+  h, w = config.image_size
+  p, d = m.patch_size, m.decoder_width
+  n = (h // p) * (w // p)
+  n_enc, n_dec = 1 + int(n * (1 - m.mask_ratio)), 1 + n
+  return (2 * n * 3 * p * p * width + depth * block_flops(n_enc, width) + 2 * n_enc * width * d
+          + m.decoder_depth * block_flops(n_dec, d) + 2 * n_dec * d * 3 * p * p)
+
+
+def model_flops_per_step(config):
+  """3 x forward (backward = 2 x forward) x global batch; remat recomputation is not counted."""
+  return 3 * config.batch_size * mae_forward_flops(config)
+
+
+def measured_matmul_flops(n=2048, repeats=10):
+  """FLOP/s of the best of `repeats` float32 n x n jnp.dot matmuls on the default device."""
+  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  return 2 * n ** 3 / time_calls(lambda: dot(a, b), repeats, warmup=1)[1]
+
+
+def peak_flops(device, dtype):
+  """(peak FLOP/s of one device, where the number came from)."""
+  kind = device.device_kind
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix][0 if dtype == "bfloat16" else 1], f"table[{prefix!r}]"
+  return measured_matmul_flops(), "measured: best of 10 float32 2048x2048 jnp.dot"
+
+
+def time_calls(fn, steps, warmup):
+  """(median s, min s, process CPU s per call) of `steps` calls of fn() after `warmup` untimed ones.
+
+  Waits for each result. CPU time (all threads, user + sys) is the number to trust on a shared
+  machine: other processes stretch wall time but not the CPU seconds this one spends.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  cpu0 = time.process_time()
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), min(times), (time.process_time() - cpu0) / steps
+
+
+def synthetic_images(config):
+  """A fixed normalised-image-like batch (B, H, W, 3); the same one goes to torch."""
+  rng = np.random.default_rng(config.seed)
+  return rng.normal(size=(config.batch_size, *config.image_size, 3)).astype(np.float32)
+
+
+def benchmark_jax(config, images, steps, warmup, breakdown):
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
+  state, abstract = train.create_train_state(model, tx, config, mesh, rules)
+  state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  step = train.jit_train_step(model, tx, config, mesh, rules, state_shardings)
+  out = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch = {"image": jax.device_put(images, sharding.batch_sharding(mesh, rules))}
+    holder = {"state": state}
+    del state
+
+    def run_step():
+      holder["state"], metrics = step(holder["state"], batch)
+      return holder["state"], metrics
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run_step())
+    out["first_step_s"] = time.perf_counter() - t0  # compile + one step
+    median, best, cpu = time_calls(run_step, steps, max(warmup - 1, 0))
+    out.update(step_time_s=median, step_time_min_s=best, cpu_s_per_step=cpu)
+
+    if breakdown:
+      params = holder["state"]["params"]
+      keys = mae.example_keys(jax.random.key(0), images.shape[0])
+      forward = jax.jit(lambda p, x, k: train.loss_fn(p, model, x, k, config)[0])
+      grads = jax.jit(lambda p, x, k: train.loss_and_grads(p, model, x, k, config))
+      out["forward_s"] = time_calls(lambda: forward(params, batch["image"], keys), steps, 1)[0]
+      out["forward_backward_s"] = time_calls(lambda: grads(params, batch["image"], keys), steps, 1)[0]
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  train.check_config(config)
+  device = jax.devices()[0]
+  width, depth, heads = vit.size_dims(config.model.size)
+  result = {
+      "model": config.model.size, "width": width, "depth": depth, "heads": heads,
+      "decoder": [config.model.decoder_width, config.model.decoder_depth, config.model.decoder_heads],
+      "image_size": list(config.image_size), "batch_size": config.batch_size,
+      "dtype": config.model.dtype, "scan_layers": config.model.scan_layers,
+      "remat_policy": config.model.remat_policy, "grad_accum_steps": config.grad_accum_steps,
+      "platform": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
+      "cpu": _cpu_model(), "xla_cpu_threads": len(os.sched_getaffinity(0)),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+      "steps": _STEPS.value, "warmup": _WARMUP.value, "loadavg_start": os.getloadavg()[0],
+  }
+  images = synthetic_images(config)
+  peak, source = peak_flops(device, config.model.dtype)
+  result.update(benchmark_jax(config, images, _STEPS.value, _WARMUP.value, _BREAKDOWN.value))
+  flops = model_flops_per_step(config)
+  # CPU "devices" (--xla_force_host_platform_device_count) share the cores the matmul already used.
+  peak_total = peak if device.platform == "cpu" else peak * jax.device_count()
+  result.update(
+      examples_per_sec=config.batch_size / result["step_time_s"], model_flops_per_step=flops,
+      peak_flops=peak_total, peak_flops_source=source,
+      mfu=flops / result["step_time_s"] / peak_total)
+  if _TORCH.value:
+    import torch_mae  # pylint: disable=g-import-not-at-top
+    t = torch_mae.benchmark(config, images, _STEPS.value, _WARMUP.value, _THREADS.value, _BREAKDOWN.value)
+    t["torch_matmul_flops"] = torch_mae.matmul_flops()
+    t["torch_mfu"] = flops / t["torch_step_time_s"] / peak_total
+    t["speedup_vs_torch"] = t["torch_step_time_s"] / result["step_time_s"]
+    t["cpu_speedup_vs_torch"] = t["torch_cpu_s_per_step"] / result["cpu_s_per_step"]
+    result.update(t)
+  result["loadavg_end"] = os.getloadavg()[0]
+  print(json.dumps(result), flush=True)
+
+
+def _cpu_model():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+if __name__ == "__main__":
+  app.run(main)
