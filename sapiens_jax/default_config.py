@@ -26,6 +26,9 @@ def pretrain(size):
   c.eval_every_steps = 1000      # eval loss + reconstruction PNG on a fixed batch
   c.num_viz_images = 8
   c.grad_accum_steps = 1         # sequential micro-batches per step (same result, less memory)
+  # Initial weights when the workdir has no checkpoint yet (resuming always wins): an original
+  # Sapiens .pth/.safetensors, or a workdir of ours as DIR or DIR:STEP. "" = random init.
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.size = size            # 0.3b | 0.6b | 1b | 2b | small | tiny (sapiens_jax.vit.SIZES)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from sapiens_jax import checkpoint
+from sapiens_jax import init_from
 from sapiens_jax import mae
 from sapiens_jax import optim
 from sapiens_jax import sharding
@@ -177,12 +178,16 @@ def train_and_evaluate(config, workdir):
   def to_global(local):
     return {"image": jax.make_array_from_process_local_data(batch_sharding, local["image"])}
 
-  # Resume from the newest checkpoint in the workdir, if any.
+  # Resume from the newest checkpoint in the workdir, if any; else start from config.init_from, if set.
   manager = checkpoint.make_manager(workdir, config)
   start_step, restored = checkpoint.restore_newest(manager, abstract_state, data_iter, config)
   if start_step:
     state = restored
     logging.info("Resumed from %s at step %d", manager.directory, start_step)
+  elif config.init_from:
+    params = init_from.load_params(config.init_from, state["params"], config)
+    state["params"] = jax.device_put(params, state_shardings["params"])
+    logging.info("Initialised the params from %s", config.init_from)
 
   # Compiled steps.
   p_train_step = jit_train_step(model, tx, config, mesh, rules, state_shardings)
