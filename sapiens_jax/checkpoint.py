@@ -56,6 +56,42 @@ def _norm(value):
   return list(value) if isinstance(value, (tuple, list)) else value
 
 
+def check_shapes(manager, step, abstract_state, limit=5):
+  """Raise MismatchError if the arrays saved at `step` differ in shape or structure from `abstract_state`.
+
+  The config check cannot see everything that shapes the state (a code change, an edited config
+  file, a hand-built abstract state). Orbax's own error for it is a ValueError like any damage, so
+  without this check `restore_newest` would move good checkpoints aside as damaged. Reads only the
+  `state` item's metadata file, never the arrays.
+  """
+  # make_manager keeps Orbax's default step names: the step number itself.
+  metadata = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / "state")
+  saved, wanted = _shapes(metadata), _shapes(abstract_state)
+  if saved == wanted:
+    return
+  missing = lambda shape: "none" if shape is None else shape
+  # Parameters first (named as in the model), then the optimizer state that mirrors them.
+  names = sorted(set(saved) | set(wanted), key=lambda k: (not k.startswith("params/"), k))
+  diffs = [f"{name.removeprefix('params/')}: checkpoint {missing(saved.get(name))}, "
+           f"model {missing(wanted.get(name))}" for name in names if saved.get(name) != wanted.get(name)]
+  more = f"\n  ... and {len(diffs) - limit} more" if len(diffs) > limit else ""
+  raise MismatchError(
+      f"{manager.directory} holds a checkpoint (step {step}) whose arrays do not fit the model "
+      f"({len(diffs)} differ):\n  " + "\n  ".join(diffs[:limit]) + more
+      + "\nUse a fresh --workdir, or the config and code the checkpoint was trained with.")
+
+
+def _shapes(tree):
+  """{"params/encoder/ln1/scale": (64,), ...}: namedtuple fields, dict keys and indices alike."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(map(name, path)): tuple(leaf.shape) for path, leaf in leaves}
+
+
 def restore(manager, step, abstract_state, data_iterator):
   """Restore state (into the shardings of `abstract_state`) and the iterator position, in place."""
   restored = manager.restore(step, args=ocp.args.Composite(
@@ -76,6 +112,7 @@ def restore_newest(manager, abstract_state, data_iterator, config):
   for i, step in enumerate(steps):
     try:
       check_compatible(manager, step, config)
+      check_shapes(manager, step, abstract_state)
       state = restore(manager, step, abstract_state, data_iterator)
     except MismatchError:
       raise

@@ -80,7 +80,7 @@ def train_step(state, batch, *, model, tx, config):
   loss, grads = loss_and_grads(state["params"], model, batch["image"], mask_keys, config)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  trainable = jax.tree.map(lambda g, label: g if label == "train" else jnp.zeros_like(g),
+  trainable = jax.tree.map(lambda g, label: g if label == "train" else None,  # None: left out
                            grads, optim.frozen_labels(grads))
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(trainable),
              "learning_rate": optim.schedule(config)(state["step"])}
