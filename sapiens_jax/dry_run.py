@@ -7,7 +7,6 @@ mesh. Plan a pod from a laptop with fake devices:
   XLA_FLAGS=--xla_force_host_platform_device_count=64 python -m sapiens_jax.main \
       --config=configs/pretrain_2b.py --config.mesh.data=8 --config.mesh.fsdp=8 --dry_run
 """
-import functools
 import math
 
 import flax
@@ -68,10 +67,8 @@ def lower_train_step(config, mesh, rules):
   """(lowered train step, abstract sharded state, batch sharding) for `config` on `mesh`."""
   model = mae.mae_from_config(config)
   tx = optim.make_optimizer(config)
-  init = functools.partial(train.init_state, model, tx, tuple(config.image_size))
+  abstract = train.abstract_train_state(model, tx, config, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    abstract = sharding.abstract_arrays(boxed, sharding.tree_shardings(boxed, mesh, rules))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *config.image_size, 3), jnp.float32,
                                            sharding=batch_sharding)}

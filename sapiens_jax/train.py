@@ -35,16 +35,26 @@ def init_state(model, tx, image_size, rng):
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def create_train_state(model, tx, config, mesh, rules):
-  """Returns (state, abstract_state): the state is born sharded, never gathered on one device."""
+def abstract_train_state(model, tx, config, mesh, rules):
+  """The train state as ShapeDtypeStructs carrying their target shardings; nothing is allocated."""
   init = functools.partial(init_state, model, tx, tuple(config.image_size))
-  rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, rng)
-    shardings = sharding.tree_shardings(boxed, mesh, rules)
-    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
-  abstract = sharding.abstract_arrays(boxed, shardings)
-  return state, abstract
+    boxed = jax.eval_shape(init, jax.random.key(config.seed))
+  return sharding.abstract_arrays(boxed, sharding.tree_shardings(boxed, mesh, rules))
+
+
+def init_train_state(model, tx, config, mesh, rules, abstract_state):
+  """A fresh state from config.seed, born sharded as `abstract_state` says (never gathered)."""
+  init = functools.partial(init_state, model, tx, tuple(config.image_size))
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def create_train_state(model, tx, config, mesh, rules):
+  """Returns (state, abstract_state) of a fresh run."""
+  abstract = abstract_train_state(model, tx, config, mesh, rules)
+  return init_train_state(model, tx, config, mesh, rules, abstract), abstract
 
 
 def loss_fn(params, model, images, mask_keys, config):
@@ -158,7 +168,7 @@ def train_and_evaluate(config, workdir):
   # Model, optimizer, state.
   model = mae.mae_from_config(config)
   tx = optim.make_optimizer(config)
-  state, abstract_state = create_train_state(model, tx, config, mesh, rules)
+  abstract_state = abstract_train_state(model, tx, config, mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state["params"]))
   logging.info("MAE %s: %s parameters, mesh %s", config.model.size, f"{num_params:,}", dict(mesh.shape))
@@ -180,14 +190,16 @@ def train_and_evaluate(config, workdir):
 
   # Resume from the newest checkpoint in the workdir, if any; else start from config.init_from, if set.
   manager = checkpoint.make_manager(workdir, config)
-  start_step, restored = checkpoint.restore_newest(manager, abstract_state, data_iter, config)
+  # A fresh state is only built when there is nothing to resume (a 2B state is not made twice).
+  start_step, state = checkpoint.restore_newest(manager, abstract_state, data_iter, config)
   if start_step:
-    state = restored
     logging.info("Resumed from %s at step %d", manager.directory, start_step)
-  elif config.init_from:
-    params = init_from.load_params(config.init_from, state["params"], config)
-    state["params"] = jax.device_put(params, state_shardings["params"])
-    logging.info("Initialised the params from %s", config.init_from)
+  else:
+    state = init_train_state(model, tx, config, mesh, rules, abstract_state)
+    if config.init_from:
+      params = init_from.load_params(config.init_from, state["params"], config)
+      state["params"] = jax.device_put(params, state_shardings["params"])
+      logging.info("Initialised the params from %s", config.init_from)
 
   # Compiled steps.
   p_train_step = jit_train_step(model, tx, config, mesh, rules, state_shardings)

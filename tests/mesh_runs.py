@@ -57,7 +57,7 @@ def run(setting, params0, batches):
   if config.model.scan_layers:
     stack_blocks(params["encoder"], "layers")
     stack_blocks(params["decoder"], "decoder_blocks")
-  _, abstract = train.create_train_state(model, tx, config, mesh, rules)
+  abstract = train.abstract_train_state(model, tx, config, mesh, rules)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = {"step": np.zeros((), np.int32), "params": params, "opt_state": tx.init(params)}
   state = jax.device_put(state, shardings)

@@ -191,9 +191,8 @@ def restore_on_mesh(workdir, data, fsdp):
   abstract state as train_and_evaluate builds it, and its restore_newest; nothing is compiled."""
   config = tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp})
   mesh, rules = sharding.make_mesh(config.mesh, devices=jax.devices()[:data * fsdp]), sharding.rules(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = boxed_state(config)
-  abstract = sharding.abstract_arrays(boxed, sharding.tree_shardings(boxed, mesh, rules))
+  abstract = train.abstract_train_state(mae.mae_from_config(config), optim.make_optimizer(config),
+                                        config, mesh, rules)
   data_iter = pipeline.make_pretrain_iterator(config.data, image_size=tuple(config.image_size),
                                               batch_size=config.batch_size, seed=config.seed)
   step, state = checkpoint.restore_newest(checkpoint.make_manager(workdir, config), abstract, data_iter, config)
