@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/Flax training code for the Sapiens family of human-centric vision models.",
     packages=setuptools.find_packages(include=["sapiens_jax", "sapiens_jax.*"]),
+    package_data={"sapiens_jax.data": ["meta/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -21,6 +22,8 @@ setuptools.setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "Pillow>=10.0",
+        "opencv-python-headless>=4.8",  # affine warps, resizes and blurs of the task pipelines
+        "pycocotools>=2.0.7",  # OKS AP for pose evaluation
         "tensorboard>=2.16",  # event files are written with tensorboard's own writer (no TensorFlow)
     ],
     extras_require={

@@ -155,10 +155,10 @@ def benchmark_jax(config, images, steps, warmup, breakdown):
     if breakdown:
       params = holder["state"]["params"]
       keys = mae.example_keys(jax.random.key(0), images.shape[0])
-      forward = jax.jit(lambda p, x, k: train.loss_fn(p, model, x, k, config)[0])
-      grads = jax.jit(lambda p, x, k: train.loss_and_grads(p, model, x, k, config))
-      out["forward_s"] = time_calls(lambda: forward(params, batch["image"], keys), steps, 1)[0]
-      out["forward_backward_s"] = time_calls(lambda: grads(params, batch["image"], keys), steps, 1)[0]
+      forward = jax.jit(lambda p, b, k: train.loss_fn(p, model, b, k, config)[0])
+      grads = jax.jit(lambda p, b, k: train.loss_and_grads(p, model, b, k, config))
+      out["forward_s"] = time_calls(lambda: forward(params, batch, keys), steps, 1)[0]
+      out["forward_backward_s"] = time_calls(lambda: grads(params, batch, keys), steps, 1)[0]
   return out
 
 

@@ -26,9 +26,22 @@ def make_manager(workdir, config):
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def save(manager, step, state, data_iterator, config):
+# Fine-tuning metrics where lower is better (the rest, AP and mIoU, are higher-is-better).
+LOWER_IS_BETTER = ("rmse", "abs_rel", "mean_angle", "median_angle")
+
+
+def make_best_manager(workdir, config):
+  """Keeps the one checkpoint with the best `config.best_metric`, in DIR/best_checkpoint."""
+  metric = config.best_metric
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, best_fn=lambda metrics: metrics[metric],
+      best_mode="min" if metric in LOWER_IS_BETTER else "max")
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best_checkpoint"), options=options)
+
+
+def save(manager, step, state, data_iterator, config, metrics=None):
   """Asynchronous: returns once the arrays are copied off the devices; files are written behind."""
-  return manager.save(step, force=True, args=ocp.args.Composite(
+  return manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config.to_dict())))

@@ -5,8 +5,10 @@ r"""Export a checkpoint's weights as a PyTorch state dict with the original Sapi
 
 Runs on a laptop CPU whatever the run was trained on: the parameter shapes come from the config
 saved in the checkpoint, and only the parameters are read (not the optimizer state), onto one CPU
-device. Without --include_decoder the file holds the bare backbone keys, like the released
-`*_clean.pth` files; with it the MAE decoder is added under `neck.*`. Needs `pip install -e .[torch]`.
+device. A pretraining run gives the bare backbone keys, like the released `*_clean.pth` files (with
+--include_decoder the MAE decoder is added under `neck.*`); a fine-tuning run gives `backbone.*`
+plus `head.*` (pose) or `decode_head.*` (seg, depth, normal), like the task checkpoints. Needs
+`pip install -e .[torch]`.
 """
 import os
 
@@ -20,7 +22,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from sapiens_jax import mae
 from sapiens_jax import torch_names
 from sapiens_jax import train
 
@@ -46,8 +47,8 @@ def abstract_params(config):
 
   Goes through train.init_state (with a stateless optimizer) so it builds params exactly as training does.
   """
-  model = mae.mae_from_config(config)
-  init = lambda rng: nn.unbox(train.init_state(model, optax.identity(), tuple(config.image_size), rng)["params"])
+  model = train.build_model(config)
+  init = lambda rng: nn.unbox(train.init_state(model, optax.identity(), config, rng)["params"])
   return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -92,7 +93,9 @@ def export(workdir, output, step=None, dtype="float32", include_decoder=False):
   """Checkpoint -> PyTorch file; returns (step exported, number of tensors)."""
   check_output(output, dtype)
   params, step = restore_params(workdir, step)
-  state_dict = torch_names.to_torch(params, include_decoder=include_decoder)
+  # A fine-tuning run is written as the reference's task checkpoints are: backbone.* + head.*.
+  prefix = "backbone." if "head" in params else ""
+  state_dict = torch_names.to_torch(params, prefix=prefix, include_decoder=include_decoder)
   count = len(state_dict)
   save(state_dict, output, dtype)
   return step, count

@@ -5,9 +5,12 @@ backbone keys) or a full checkpoint {'state_dict': {'backbone.*', 'neck.*', ...}
 workdir of ours, `DIR` or `DIR:STEP`. A workdir is turned into Sapiens keys first, so both go
 through the one name mapping (torch_names) and the same checks, and scanned blocks convert either way.
 
-Position embeddings on another grid are resized as the reference does (posemb). Whatever else
-does not fit the model is one error listing every mismatch. The only part allowed to be absent is
-the MAE decoder of a backbone-only file: it stays freshly initialised, with a warning.
+Position embeddings on another grid are resized as the reference does (posemb), the cls slot
+kept or dropped to match the model. Whatever else does not fit the model is one error listing
+every mismatch. Parts allowed to be absent start fresh, with a warning: the MAE decoder of a
+backbone-only file, and the task head of a fine-tuning model started from a pretrained encoder (or
+from a checkpoint of another task). Parts the model does not have (the decoder when fine-tuning,
+a head when pretraining) are skipped.
 """
 import os
 import pickle
@@ -26,7 +29,6 @@ from sapiens_jax import vit
 
 TORCH_EXTENSIONS = (".pth", ".safetensors")
 BACKBONE_PREFIX = "backbone."  # encoder keys inside full MAE and task checkpoints
-HEAD_PREFIXES = ("head.", "decode_head.")  # task heads: no part of a pretraining model
 LISTED = 10  # mismatched keys shown per kind
 
 
@@ -147,23 +149,50 @@ def _mismatch_error(what, missing, unexpected, misshaped):
   return ValueError("\n".join(lines))
 
 
+def _drop_unused(state_dict, expected, target_params, what):
+  """The source without the parts this model does not take: the cls token and MAE decoder
+  (neck.*) when fine-tuning, a task head when pretraining, or a head that does not fit (another task, another
+  number of keypoints or classes) -- which then starts fresh, with a warning."""
+  def drop(keys, log, message):
+    if keys:
+      log("init_from: %s %d keys of %s (%s, ...)", message, len(keys), what, keys[0])
+    return {k: v for k, v in state_dict.items() if k not in set(keys)}
+
+  heads = sorted(k for k in state_dict if k.startswith(torch_names.HEAD_PREFIXES))
+  state_dict = drop([k for k in state_dict if k.endswith("cls_token") and k not in expected], logging.info,
+                    "fine-tuning ViTs have no cls token: not loading")
+  if "decoder" not in target_params:
+    state_dict = drop(sorted(k for k in state_dict if k.startswith(torch_names.NECK_PREFIX)), logging.info,
+                      "fine-tuning: not loading the MAE decoder,")
+  if "head" not in target_params:
+    return drop(heads, logging.info, "pretraining: ignoring the task head,")
+  misfit = [k for k in heads if k not in expected or state_dict[k].shape != expected[k]]
+  if misfit:
+    wanted = sorted(k for k in expected if k.startswith(torch_names.HEAD_PREFIXES))
+    logging.warning("init_from=%r: its task head does not fit this model's (e.g. %s %s, model has %s); "
+                    "the head starts fresh.", what, misfit[0], state_dict[misfit[0]].shape,
+                    f"{wanted[0]} {expected[wanted[0]]}" if wanted else "no such key")
+    return drop(heads, logging.info, "not loading the head,")
+  return state_dict
+
+
 def _fit(state_dict, source_grid, target_params, config, what):
   """Checked, resized and renamed: the source's Sapiens-keyed state dict as our param tree."""
-  heads = sorted(k for k in state_dict if k.startswith(HEAD_PREFIXES))
-  if heads:
-    logging.info("init_from: ignoring %d task-head keys of %s (%s, ...)", len(heads), what, heads[0])
-  state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
   prefix = BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state_dict) else ""
   _check_size(state_dict, prefix, config, what)
 
   expected = _shapes(target_params, prefix)
   target_grid = vit.vit_from_config(config.model, config.image_size).grid
   resized = _resize_pos_embeds(state_dict, expected, prefix, source_grid, target_grid, what)
+  state_dict = _drop_unused(state_dict, expected, target_params, what)
 
-  missing = sorted(set(expected) - set(state_dict))
-  fresh_decoder = not any(k.startswith(torch_names.NECK_PREFIX) for k in state_dict)
-  if fresh_decoder:  # a backbone-only file: the decoder is not missing, it starts fresh
-    missing = [k for k in missing if not k.startswith(torch_names.NECK_PREFIX)]
+  # What a source may lack by design starts fresh: the decoder of a backbone-only file, the head
+  # of a pretrained encoder. Anything else missing is an error.
+  part_prefixes = {"decoder": (torch_names.NECK_PREFIX,), "head": torch_names.HEAD_PREFIXES}
+  fresh = [part for part, starts in part_prefixes.items()
+           if part in target_params and not any(k.startswith(starts) for k in state_dict)]
+  missing = sorted(k for k in set(expected) - set(state_dict)
+                   if not any(k.startswith(part_prefixes[part]) for part in fresh))
   unexpected = sorted(set(state_dict) - set(expected))
   misshaped = sorted(k for k in set(state_dict) & set(expected) if state_dict[k].shape != expected[k])
   if missing or unexpected or misshaped:
@@ -172,14 +201,15 @@ def _fit(state_dict, source_grid, target_params, config, what):
                           [f"{k}: file {state_dict[k].shape}, model {expected[k]}" for k in misshaped])
 
   num_heads = vit.size_dims(config.model.size)[2]
-  params = torch_names.from_torch(state_dict, num_heads, config.model.decoder_heads, prefix=prefix,
+  params = torch_names.from_torch(state_dict, num_heads, config.model.get("decoder_heads"), prefix=prefix,
                                   scan_layers=config.model.scan_layers)
   loaded = {group: target_params[group] for group in params}
   params = jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, loaded)
   count = sum(x.size for x in jax.tree.leaves(params))
   logging.info("init_from: loaded %d tensors (%s parameters) from %s%s", len(state_dict), f"{count:,}", what,
                "".join(f"; resized {r}" for r in resized))
-  if fresh_decoder and "decoder" in target_params:
-    logging.warning("init_from=%r has no MAE decoder (neck.*): the decoder starts freshly initialised.", what)
-    params["decoder"] = target_params["decoder"]
+  for part in fresh:
+    logging.warning("init_from=%r has no %s: it starts freshly initialised.", what,
+                    "MAE decoder (neck.*)" if part == "decoder" else "task head for this model")
+    params[part] = target_params[part]
   return params

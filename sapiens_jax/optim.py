@@ -1,26 +1,58 @@
-"""AdamW for MAE pretraining: linear warm-up then cosine, global-norm clipping, selective decay.
+"""AdamW for pretraining and fine-tuning: lr scaling and schedules, selective decay, layer-wise lr decay.
 
 Weight decay applies to kernels only (linear and conv weights); biases, norms, position
-embeddings, the cls token and the mask token are not decayed. Fixed (sin-cos) position
-embeddings are frozen: their updates are exactly zero.
+embeddings, the cls token and the mask token are not decayed. Parameters named in
+`config.optim.frozen` (MAE's fixed sin-cos embeddings) get updates of exactly zero.
 """
+import re
+
 import flax
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-FROZEN = ("pos_embed", "decoder_pos_embed")
+from sapiens_jax import vit
+
+SCHEDULES = ("cosine", "linear", "multistep")
 
 
 def learning_rate(config):
-  """Peak learning rate: base_lr * global_batch / 256 (the MAE scaling rule)."""
-  return config.optim.base_lr * config.batch_size / 256
+  """Peak learning rate: base_lr * global_batch / lr_base_batch (the linear scaling rule), or
+  base_lr as given when lr_base_batch is 0 (the fine-tuning recipes that do not rescale)."""
+  o = config.optim
+  return o.base_lr * config.batch_size / o.lr_base_batch if o.lr_base_batch else o.base_lr
 
 
 def schedule(config):
-  warmup = min(config.optim.warmup_steps, config.total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=learning_rate(config), warmup_steps=warmup,
-      decay_steps=max(config.total_steps, warmup + 1), end_value=config.optim.min_lr)
+  """Step -> learning rate.
+
+  cosine (MAE): linear warm-up from 0 to the peak, then cosine to min_lr.
+  linear, multistep (fine-tuning): the reference chains a linear warm-up factor (from
+  warmup_start_factor to 1) with, from step 0, a linear decay to 0 (PolyLR, power 1) or a
+  x`gamma` drop at each of `milestones` (fractions of total_steps).
+  """
+  o, total = config.optim, config.total_steps
+  peak = learning_rate(config)
+  warmup = min(o.warmup_steps, total)
+  if o.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={o.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1), end_value=o.min_lr)
+  milestones = [round(f * total) for f in o.milestones]
+
+  def lr(step):
+    step = jnp.asarray(step, jnp.float32)
+    start = o.warmup_start_factor
+    warm = start + (1.0 - start) * jnp.minimum(step / warmup, 1.0) if warmup else 1.0
+    if o.schedule == "linear":
+      decay = jnp.maximum(1.0 - step / total, 0.0)
+    else:
+      decay = o.gamma ** sum((step >= m).astype(jnp.float32) for m in milestones)
+    return peak * warm * decay
+  return lr
 
 
 def _label_leaves(params, label_fn):
@@ -33,8 +65,35 @@ def decay_mask(params):
   return _label_leaves(params, lambda name: name.endswith("kernel"))
 
 
-def frozen_labels(params):
-  return _label_leaves(params, lambda name: "frozen" if name in FROZEN else "train")
+def frozen_labels(params, frozen):
+  return _label_leaves(params, lambda name: "frozen" if name in frozen else "train")
+
+
+def layer_decay_multipliers(params, rate, depth):
+  """lr multiplier per parameter, rate ** (depth + 1 - layer_id), with the reference's layer ids:
+  encoder patch/position/cls embeddings 0, encoder block i -> i + 1, everything else (the
+  encoder's final norm and the head) depth + 1. Scanned blocks get one multiplier per row."""
+  def multiplier(path, leaf):
+    names = [getattr(p, "key", None) for p in path]
+    if names[0] != "encoder":
+      return np.float32(1.0)
+    if names[1] in ("patch_embed", "pos_embed", "cls_token"):
+      return np.float32(rate ** (depth + 1))
+    block = re.fullmatch(r"layers_(\d+)", names[1])
+    if block:
+      return np.float32(rate ** (depth - int(block.group(1))))
+    if names[1] == "layers":  # nn.scan stacks the blocks on axis 0
+      return (rate ** (depth - np.arange(depth))).astype(np.float32).reshape(depth, *[1] * (leaf.ndim - 1))
+    return np.float32(1.0)
+  return jax.tree_util.tree_map_with_path(multiplier, params)
+
+
+def scale_by_layer_decay(rate, depth):
+  def update(updates, state, params=None):
+    del params
+    multipliers = layer_decay_multipliers(updates, rate, depth)
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, multipliers), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def make_optimizer(config):
@@ -43,4 +102,11 @@ def make_optimizer(config):
       optax.clip_by_global_norm(o.grad_clip_norm),
       optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask,
                   mu_dtype=jnp.dtype(o.mu_dtype)))
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen_labels)
+  frozen = tuple(o.frozen)
+  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                             lambda params: frozen_labels(params, frozen))
+  if o.layer_decay == 1.0:
+    return tx
+  depth = vit.size_dims(config.model.size)[1]
+  # Scaling the whole AdamW step (decay term included) is what a per-group lr does in PyTorch.
+  return optax.chain(tx, scale_by_layer_decay(o.layer_decay, depth))

@@ -9,13 +9,15 @@ a leading depth axis) are written as the separate `layers.{i}` they stand for. E
 must be mapped and every key consumed, so a parameter added to the model without an entry here
 is an error, not a silently dropped weight.
 
-A task head later is one more entry list (`head.*` or `decode_head.*`) next to `_neck_entries`.
+Task heads (`head.*` for pose, `decode_head.*` for seg/depth/normal) have their own pair,
+`head_to_torch` / `head_from_torch`, over the same layouts.
 """
 import re
 
 import numpy as np
 
 NECK_PREFIX = "neck."  # the MAE decoder's keys in the original full MAE state dict
+HEAD_PREFIXES = ("head.", "decode_head.")  # task heads: mmpose's and mmseg's
 
 # layout: (ours -> torch, torch -> ours given the number of heads). Pure transposes and reshapes,
 # so a roundtrip is exact.
@@ -129,21 +131,30 @@ def _export(entries, tree, prefix, what):
           for path, key, layout in entries}
 
 
+def head_prefix(head_params):
+  """The head's key prefix in the original task checkpoints: mmpose's `head.` (pose, whose last
+  layer is `final_layer`) or mmseg's `decode_head.` (seg, depth, normal: `conv_seg`)."""
+  return "head." if "final_layer" in head_params else "decode_head."
+
+
 def to_torch(params, prefix="", include_decoder=True):
   """Our params -> flat {original Sapiens key: numpy array} (dtype kept).
 
   Encoder keys get `prefix` ("" as in the released `_clean` pretrain files, "backbone." as inside
-  full MAE and task checkpoints); the decoder, if present and wanted, gets `neck.`.
+  full MAE and task checkpoints); the decoder, if present and wanted, gets `neck.`; a task head
+  gets `head.` or `decode_head.` (see `head_prefix`).
   """
-  unknown = sorted(set(params) - {"encoder", "decoder"})
+  unknown = sorted(set(params) - {"encoder", "decoder", "head"})
   if unknown:
-    raise ValueError(f"parameter groups {unknown} have no PyTorch names; expected 'encoder' and 'decoder'")
+    raise ValueError(f"parameter groups {unknown} have no PyTorch names; expected encoder, decoder, head")
   encoder = _unscan(params["encoder"], "layers")
   out = _export(_backbone_entries(_count(encoder, r"layers_(\d+)"), "cls_token" in encoder),
                 encoder, prefix, "encoder")
   if include_decoder and "decoder" in params:
     decoder = _unscan(params["decoder"], "decoder_blocks")
     out.update(_export(_neck_entries(_count(decoder, r"decoder_blocks_(\d+)")), decoder, NECK_PREFIX, "decoder"))
+  if "head" in params:
+    out.update(head_to_torch(params["head"], head_prefix(params["head"])))
   return out
 
 
@@ -161,7 +172,8 @@ def from_torch(state_dict, num_heads, decoder_heads=None, prefix="", scan_layers
 
   Values may be numpy arrays or anything `np.asarray` reads (e.g. float32 CPU torch tensors).
   The head counts are not recoverable from the weights, hence arguments. `neck.*` keys, if any,
-  become params["decoder"] and need `decoder_heads`. Keys that map to nothing are an error.
+  become params["decoder"] and need `decoder_heads`; `head.*` / `decode_head.*` keys become
+  params["head"]. Keys that map to nothing are an error.
   `scan_layers` stacks the blocks as a model built with `config.model.scan_layers` expects.
   """
   names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
@@ -176,7 +188,56 @@ def from_torch(state_dict, num_heads, decoder_heads=None, prefix="", scan_layers
     decoder, neck_used = _import(_neck_entries(neck_depth), state_dict, NECK_PREFIX, decoder_heads)
     params["decoder"] = _scan(decoder, "decoder_blocks", neck_depth) if scan_layers else decoder
     used |= neck_used
+  for head in HEAD_PREFIXES:
+    if any(k.startswith(head) for k in state_dict):
+      params["head"] = head_from_torch(state_dict, head)
+      used |= {k for k in state_dict if k.startswith(head)}
   unexpected = sorted(set(state_dict) - used)
   if unexpected:
     raise KeyError(f"state dict has {len(unexpected)} keys with no parameter (prefix={prefix!r}): {unexpected[:8]}")
   return params
+
+
+# Task heads (reference §2.4): `deconv_layers_{i}` / `conv_layers_{i}` (i = torch Sequential index 0, 3, ...)
+# and the final 1x1 conv, named as in torch (`final_layer` for pose, `conv_seg` for seg/depth/normal).
+# Deconv kernels are Flax transpose_kernel (4, 4, out, in) and torch (in, out, 4, 4): the same
+# transpose as a conv, so both use the "conv" layout. Deconvs have no bias.
+HEAD_FINAL_LAYERS = ("final_layer", "conv_seg")
+_HEAD_STAGE = re.compile(r"(deconv_layers|conv_layers)_(\d+)")
+
+
+def _head_entries(layer_names):
+  """(path in the head params, torch key without prefix, layout) for the named head layers.
+
+  Names that are no head layer get no entry, so the caller reports them as unmapped.
+  """
+  entries = []
+  for name in sorted(layer_names):
+    stage = _HEAD_STAGE.fullmatch(name)
+    if not stage and name not in HEAD_FINAL_LAYERS:
+      continue
+    theirs = f"{stage.group(1)}.{stage.group(2)}" if stage else name
+    entries.append(((name, "kernel"), f"{theirs}.weight", "conv"))
+    if not name.startswith("deconv_layers"):
+      entries.append(((name, "bias"), f"{theirs}.bias", "same"))
+  return entries
+
+
+def head_to_torch(head_params, prefix):
+  """A head's params -> {prefix + torch key: array}; prefix "head." (pose) or "decode_head." (others)."""
+  return _export(_head_entries(head_params), head_params, prefix, "head")
+
+
+def head_from_torch(state_dict, prefix):
+  """The `prefix`ed keys of a task checkpoint -> the head's params (the inverse of `head_to_torch`,
+  bit for bit). Keys without the prefix (the backbone) are left alone; prefixed keys that map to
+  nothing are an error."""
+  keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+  if not keys:
+    raise KeyError(f"state dict has no head keys with prefix {prefix!r}")
+  layers = {re.sub(r"\.(\d+)$", r"_\1", k.rsplit(".", 1)[0]) for k in keys}
+  tree, used = _import(_head_entries(layers), state_dict, prefix, None)
+  unexpected = sorted({prefix + k for k in keys} - used)
+  if unexpected:
+    raise KeyError(f"state dict has {len(unexpected)} head keys with no parameter (prefix={prefix!r}): {unexpected[:8]}")
+  return tree

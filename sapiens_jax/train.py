@@ -19,25 +19,38 @@ import numpy as np
 import optax
 
 from sapiens_jax import checkpoint
+from sapiens_jax import default_config
+from sapiens_jax import evaluate
 from sapiens_jax import init_from
 from sapiens_jax import mae
 from sapiens_jax import optim
 from sapiens_jax import sharding
+from sapiens_jax import task_model
 from sapiens_jax import visualize
 from sapiens_jax import writers
 from sapiens_jax.data import pipeline
 
 
-def init_state(model, tx, image_size, rng):
+def build_model(config):
+  return mae.mae_from_config(config) if config.task == "mae" else task_model.model_from_config(config)
+
+
+def batch_keys(config):
+  """The arrays a training batch holds, each with the batch on its leading axis."""
+  return ("image",) if config.task == "mae" else ("image", *task_model.target_keys(config.task))
+
+
+def init_state(model, tx, config, rng):
   """The train state with logically-annotated (boxed) params; use under jax.eval_shape or jit."""
-  dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
-  params = model.init(rng, dummy, mae.example_keys(rng, 1))["params"]
+  dummy = jnp.zeros((1, *config.image_size, 3), jnp.float32)
+  extra = (mae.example_keys(rng, 1),) if config.task == "mae" else ()
+  params = model.init(rng, dummy, *extra)["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
 def abstract_train_state(model, tx, config, mesh, rules):
   """The train state as ShapeDtypeStructs carrying their target shardings; nothing is allocated."""
-  init = functools.partial(init_state, model, tx, tuple(config.image_size))
+  init = functools.partial(init_state, model, tx, config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init, jax.random.key(config.seed))
   return sharding.abstract_arrays(boxed, sharding.tree_shardings(boxed, mesh, rules))
@@ -45,7 +58,7 @@ def abstract_train_state(model, tx, config, mesh, rules):
 
 def init_train_state(model, tx, config, mesh, rules, abstract_state):
   """A fresh state from config.seed, born sharded as `abstract_state` says (never gathered)."""
-  init = functools.partial(init_state, model, tx, tuple(config.image_size))
+  init = functools.partial(init_state, model, tx, config)
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
@@ -57,22 +70,28 @@ def create_train_state(model, tx, config, mesh, rules):
   return init_train_state(model, tx, config, mesh, rules, abstract), abstract
 
 
-def loss_fn(params, model, images, mask_keys, config):
-  pred, mask = model.apply({"params": params}, images, mask_keys)
-  return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
+def loss_fn(params, model, batch, keys, config):
+  """Loss and model outputs; `keys` holds one PRNG key per example (MAE masks, head dropout)."""
+  if config.task == "mae":
+    images = batch["image"]
+    pred, mask = model.apply({"params": params}, images, keys)
+    return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
+  outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": keys[0]})
+  return task_model.loss(config, outputs, batch), outputs
 
 
-def loss_and_grads(params, model, images, mask_keys, config):
+def loss_and_grads(params, model, batch, keys, config):
   """Mean loss and gradients over the batch, in `config.grad_accum_steps` sequential micro-batches.
 
   Every example keeps its own mask key and every micro-batch masks the same number of tokens, so
-  the result equals one pass over the whole batch. Micro-batch i takes rows i, i+k, i+2k, ... so
-  each one stays spread over all devices of the batch axis.
+  the MAE result equals one pass over the whole batch (fine-tuning losses are means over equal
+  micro-batches too; only the heads' dropout draws differ). Micro-batch i takes rows i, i+k,
+  i+2k, ... so each one stays spread over all devices of the batch axis.
   """
-  grad_fn = jax.value_and_grad(lambda p, x, k: loss_fn(p, model, x, k, config)[0])
+  grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(p, model, b, k, config)[0])
   k = config.grad_accum_steps
   if k == 1:
-    return grad_fn(params, images, mask_keys)
+    return grad_fn(params, batch, keys)
   split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
   def accumulate(carry, micro_batch):
@@ -80,18 +99,18 @@ def loss_and_grads(params, model, images, mask_keys, config):
     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(images), split(mask_keys)))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, (batch, keys)))
   return jax.tree.map(lambda x: x / k, (loss, grads))
 
 
 def train_step(state, batch, *, model, tx, config):
   step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  mask_keys = mae.example_keys(step_key, batch["image"].shape[0])
-  loss, grads = loss_and_grads(state["params"], model, batch["image"], mask_keys, config)
+  keys = mae.example_keys(step_key, batch["image"].shape[0])
+  loss, grads = loss_and_grads(state["params"], model, batch, keys, config)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   trainable = jax.tree.map(lambda g, label: g if label == "train" else None,  # None: left out
-                           grads, optim.frozen_labels(grads))
+                           grads, optim.frozen_labels(grads, config.optim.frozen))
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(trainable),
              "learning_rate": optim.schedule(config)(state["step"])}
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
@@ -106,7 +125,7 @@ def jit_train_step(model, tx, config, mesh, rules, state_shardings):
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                 in_shardings=(state_shardings, {"image": batch_sharding}),
+                 in_shardings=(state_shardings, {k: batch_sharding for k in batch_keys(config)}),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
@@ -114,7 +133,7 @@ def eval_step(params, batch, *, model, config):
   """Loss on a small fixed batch with fixed masks, comparable across steps, and the first
   `num_viz_images` examples with their reconstruction (small enough to hand to every device)."""
   keys = mae.example_keys(jax.random.key(config.seed + 1), batch["image"].shape[0])
-  loss, (pred, mask) = loss_fn(params, model, batch["image"], keys, config)
+  loss, (pred, mask) = loss_fn(params, model, batch, keys, config)
   n = config.num_viz_images
   return loss, batch["image"][:n], pred[:n], mask[:n]
 
@@ -149,6 +168,10 @@ def check_config(config):
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if config.task not in default_config.TASKS:
+    raise ValueError(f"config.task={config.task!r}; expected one of {', '.join(default_config.TASKS)}")
+  if config.task != "mae" and config.eval_batch_size % n:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by the {n} processes")
   for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps", "total_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}")
@@ -166,27 +189,31 @@ def train_and_evaluate(config, workdir):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   # Model, optimizer, state.
-  model = mae.mae_from_config(config)
+  model = build_model(config)
   tx = optim.make_optimizer(config)
   abstract_state = abstract_train_state(model, tx, config, mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state["params"]))
-  logging.info("MAE %s: %s parameters, mesh %s", config.model.size, f"{num_params:,}", dict(mesh.shape))
+  logging.info("%s %s: %s parameters, mesh %s", config.task, config.model.size, f"{num_params:,}",
+               dict(mesh.shape))
 
   # Data: each process reads its own slice of every global batch.
   local_batch = config.batch_size // jax.process_count()
-  make_iterator = functools.partial(
-      pipeline.make_pretrain_iterator, config.data, image_size=image_size, batch_size=local_batch,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = make_iterator(seed=config.seed)
-  # A fixed small batch for the eval loss and pictures: the smallest multiple of the batch shards
-  # (and processes) that holds num_viz_images.
-  unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
-  eval_batch = unit * -(-config.num_viz_images // unit)
-  viz_batch = next(make_iterator(seed=config.seed + 1, batch_size=eval_batch // jax.process_count()))
+  if config.task == "mae":
+    make_iterator = functools.partial(pipeline.make_pretrain_iterator, config.data, image_size=image_size)
+  else:
+    if config.data.source == "synthetic":
+      if is_chief:
+        pipeline.ensure_synthetic_data(config, workdir)
+      multihost_utils.sync_global_devices("sapiens_jax: synthetic data written")
+    make_iterator = functools.partial(pipeline.make_task_iterator, config, workdir=workdir)
+  make_iterator = functools.partial(make_iterator, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  data_iter = make_iterator(seed=config.seed, batch_size=local_batch)
 
   def to_global(local):
-    return {"image": jax.make_array_from_process_local_data(batch_sharding, local["image"])}
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local.items() if k != "skipped"}
 
   # Resume from the newest checkpoint in the workdir, if any; else start from config.init_from, if set.
   manager = checkpoint.make_manager(workdir, config)
@@ -201,13 +228,42 @@ def train_and_evaluate(config, workdir):
       state["params"] = jax.device_put(params, state_shardings["params"])
       logging.info("Initialised the params from %s", config.init_from)
 
-  # Compiled steps.
   p_train_step = jit_train_step(model, tx, config, mesh, rules, state_shardings)
-  p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
-                        in_shardings=(state_shardings["params"], {"image": batch_sharding}),
-                        out_shardings=replicated)
-
   writer = writers.MetricWriter(workdir, enabled=is_chief)
+
+  # Evaluation. MAE: the loss on a small fixed batch (the smallest multiple of the batch shards and
+  # processes that holds num_viz_images) and its reconstructions. Fine-tuning: the task's metrics
+  # over the eval split, pictures of the first predictions, and the best checkpoint kept.
+  if config.task == "mae":
+    unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
+    viz_batch = next(make_iterator(seed=config.seed + 1,
+                                   batch_size=unit * -(-config.num_viz_images // unit) // jax.process_count()))
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
+                          in_shardings=(state_shardings["params"], {"image": batch_sharding}),
+                          out_shardings=replicated)
+
+    def run_eval(step, params):
+      loss, images, pred, mask = jax.device_get(p_eval_step(params, to_global(viz_batch)))
+      writer.write_scalars(step, {"eval_loss": float(loss)})
+      if is_chief:
+        grid = visualize.reconstruction_grid(images, pred, mask, config.model.patch_size,
+                                             config.model.norm_pix_loss, max_rows=config.num_viz_images)
+        visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)
+        writer.write_image(step, "reconstruction", grid)
+  else:
+    eval_source = pipeline.make_task_source(config, "eval", workdir)
+    p_predict = jax.jit(functools.partial(evaluate.predict, model=model, config=config),
+                        in_shardings=(state_shardings["params"], batch_sharding), out_shardings=replicated)
+    best_manager = checkpoint.make_best_manager(workdir, config)
+
+    def run_eval(step, params):
+      results = evaluate.evaluate(
+          config, params, p_predict, eval_source,
+          lambda local: jax.make_array_from_process_local_data(batch_sharding, local))
+      writer.write_scalars(step, {f"eval_{k}": float(v) for k, v in results.items()})
+      logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+      if step not in best_manager.all_steps():  # a resumed run may evaluate a step again
+        checkpoint.save(best_manager, step, state, data_iter, config, metrics=results)
   progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)
   skipped = 0
   preemption = PreemptionSignal()
@@ -233,13 +289,7 @@ def train_and_evaluate(config, workdir):
         progress.update(step, loss=metrics["loss"], lr=metrics["learning_rate"])
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
-        loss, images, pred, mask = jax.device_get(p_eval_step(state["params"], to_global(viz_batch)))
-        writer.write_scalars(step, {"eval_loss": float(loss)})
-        if is_chief:
-          grid = visualize.reconstruction_grid(images, pred, mask, config.model.patch_size,
-                                               config.model.norm_pix_loss, max_rows=config.num_viz_images)
-          visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)
-          writer.write_image(step, "reconstruction", grid)
+        run_eval(step, state["params"])
 
       stop = preemption.received(sync_point=step % config.log_every_steps == 0)
       if stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps:
@@ -252,6 +302,8 @@ def train_and_evaluate(config, workdir):
         return state
 
   manager.wait_until_finished()
+  if config.task != "mae":
+    best_manager.wait_until_finished()
   writer.close()
   logging.info("Done at step %d. Checkpoints: %s; metrics: %s; pictures: %s", config.total_steps,
                manager.directory, os.path.join(workdir, writers.METRICS_FILE),

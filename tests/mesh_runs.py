@@ -44,7 +44,7 @@ def stack_blocks(params, prefix):
 def reference_params():
   model = mae.mae_from_config(tiny_config({}))
   return jax.device_get(nn.unbox(train.init_state(model, optim.make_optimizer(tiny_config({})),
-                                                  (32, 32), jax.random.key(0))["params"]))
+                                                  tiny_config({}), jax.random.key(0))["params"]))
 
 
 def run(setting, params0, batches):

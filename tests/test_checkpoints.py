@@ -54,7 +54,7 @@ def boxed_state(config):
   """The train state of `config`'s model as train.create_train_state traces it: shapes and logical
   axis names, never allocated."""
   model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
-  init = functools.partial(train.init_state, model, tx, tuple(config.image_size))
+  init = functools.partial(train.init_state, model, tx, config)
   return jax.eval_shape(init, jax.random.key(config.seed))
 
 

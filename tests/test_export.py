@@ -246,7 +246,9 @@ def test_bad_inputs_are_named(tmp_path):
 
   params = mae_params()
   state_dict = torch_names.to_torch(params)
-  with pytest.raises(KeyError, match=r"head\.final_layer\.weight"):
+  with pytest.raises(KeyError, match=r"head\.bogus\.weight"):
+    torch_names.from_torch({**state_dict, "head.bogus.weight": np.zeros(1)}, HEADS, decoder_heads=2)
+  with pytest.raises(KeyError, match=r"head\.final_layer\.bias"):  # a head half there
     torch_names.from_torch({**state_dict, "head.final_layer.weight": np.zeros(1)}, HEADS, decoder_heads=2)
   with pytest.raises(KeyError, match=r"layers\.1\.ln2\.bias"):
     torch_names.from_torch({k: v for k, v in state_dict.items() if k != "layers.1.ln2.bias"}, HEADS, 2)
@@ -257,5 +259,7 @@ def test_bad_inputs_are_named(tmp_path):
   extra = {**params, "encoder": {**params["encoder"], "layer_scale": np.ones(3)}}
   with pytest.raises(ValueError, match="layer_scale"):
     torch_names.to_torch(extra)
-  with pytest.raises(ValueError, match="head"):
-    torch_names.to_torch({**params, "head": {}})
+  with pytest.raises(ValueError, match="neck"):
+    torch_names.to_torch({**params, "neck": {}})
+  with pytest.raises(ValueError, match="head parameters with no PyTorch name.*bogus"):
+    torch_names.to_torch({**params, "head": {"final_layer": {}, "bogus": {"kernel": np.ones(3)}}})

@@ -118,7 +118,7 @@ def test_full_checkpoint_loads_backbone_and_decoder_and_ignores_the_head(tiny_co
   with caplog.at_level(logging.INFO):
     params = init_from.load_params(path, export.abstract_params(tiny_config), tiny_config)
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-  assert any("ignoring 1 task-head keys" in r.getMessage() for r in caplog.records)
+  assert any("ignoring the task head, 1 keys" in r.getMessage() for r in caplog.records)
   # What the one name mapping makes of the file, with both tables resized from 4x4 to 4x3.
   expected = as_numpy({k: v for k, v in state_dict.items() if not k.startswith("head.")})
   for key in ("backbone.pos_embed", "neck.decoder_pos_embed"):

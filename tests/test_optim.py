@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from sapiens_jax import default_config
 from sapiens_jax import mae
 from sapiens_jax import optim
 from sapiens_jax import vit
@@ -72,3 +74,61 @@ def test_gradients_are_clipped_to_global_norm(tiny_config):
   mu = state.inner_states["train"].inner_state[1][0].mu
   norm = optax.tree.norm(jax.tree.map(lambda m: m / (1 - tiny_config.optim.b1), mu))
   np.testing.assert_allclose(norm, tiny_config.optim.grad_clip_norm, rtol=1e-4)
+
+
+def _finetune_params(depth, scan):
+  """A param tree shaped like a fine-tuning model's: encoder blocks (stacked when scanned) + head."""
+  block = {"ln1": {"scale": np.ones(4)}, "attn": {"qkv_kernel": np.ones((4, 3, 2, 2))}}
+  encoder = {"patch_embed": {"kernel": np.ones((16, 16, 3, 4)), "bias": np.ones(4)},
+             "pos_embed": np.ones((1, 6, 4)), "ln1": {"scale": np.ones(4), "bias": np.ones(4)}}
+  if scan:
+    encoder["layers"] = jax.tree.map(lambda x: np.stack([x] * depth), block)
+  else:
+    encoder.update({f"layers_{i}": block for i in range(depth)})
+  return {"encoder": encoder, "head": {"final_layer": {"kernel": np.ones((1, 1, 4, 3))}}}
+
+
+def test_layer_decay_multipliers_follow_the_reference_layer_ids():
+  rate, depth = 0.85, 3
+  m = flax.traverse_util.flatten_dict(optim.layer_decay_multipliers(_finetune_params(depth, False), rate, depth),
+                                      sep="/")
+  # patch/pos embed: id 0 -> rate^(L+1); block i: id i+1 -> rate^(L-i); final norm and head: id L+1 -> 1.
+  assert m["encoder/patch_embed/kernel"] == pytest.approx(0.85 ** 4)
+  assert m["encoder/pos_embed"] == pytest.approx(0.85 ** 4)
+  assert m["encoder/layers_0/attn/qkv_kernel"] == pytest.approx(0.85 ** 3)
+  assert m["encoder/layers_2/ln1/scale"] == pytest.approx(0.85)
+  assert m["encoder/ln1/bias"] == 1.0 and m["head/final_layer/kernel"] == 1.0
+  scanned = optim.layer_decay_multipliers(_finetune_params(depth, True), rate, depth)["encoder"]["layers"]
+  np.testing.assert_allclose(scanned["attn"]["qkv_kernel"].ravel(), [0.85 ** 3, 0.85 ** 2, 0.85], rtol=1e-6)
+
+
+def test_finetune_step_scales_each_layer_and_skips_decay_on_biases_and_pos_embed():
+  config = default_config.finetune("coco", "tiny")  # tiny: 2 blocks
+  config.optim.warmup_steps = 0
+  rate, peak = config.optim.layer_decay, optim.learning_rate(config)
+  params = jax.tree.map(jnp.asarray, _finetune_params(2, False))
+  grads = jax.tree.map(jnp.zeros_like, params)  # only weight decay moves the params
+  updates, _ = optim.make_optimizer(config).update(grads, optim.make_optimizer(config).init(params), params)
+  u = flax.traverse_util.flatten_dict(updates, sep="/")
+  wd = config.optim.weight_decay
+  np.testing.assert_allclose(u["encoder/layers_1/attn/qkv_kernel"], -peak * wd * rate, rtol=1e-5)
+  np.testing.assert_allclose(u["encoder/patch_embed/kernel"], -peak * wd * rate ** 3, rtol=1e-5)
+  np.testing.assert_allclose(u["head/final_layer/kernel"], -peak * wd, rtol=1e-5)
+  for name in ("encoder/pos_embed", "encoder/patch_embed/bias", "encoder/ln1/scale"):
+    np.testing.assert_array_equal(u[name], 0.0)
+
+
+@pytest.mark.parametrize("dataset", ["coco", "goliath_seg"])
+def test_finetune_schedules_warm_up_from_a_thousandth_then_decay(dataset):
+  config = default_config.finetune(dataset, "tiny")
+  config.total_steps, config.optim.warmup_steps = 210, 10
+  lr, peak = optim.schedule(config), optim.learning_rate(config)
+  assert float(lr(0)) == pytest.approx(peak * 1e-3)
+  if dataset == "coco":  # x0.1 at epoch 170 and again at 200 of 210
+    assert float(lr(169)) == pytest.approx(peak)
+    assert float(lr(170)) == pytest.approx(peak * 0.1)
+    assert float(lr(205)) == pytest.approx(peak * 0.01)
+  else:  # linear to zero, chained with the warm-up factor
+    assert float(lr(5)) == pytest.approx(peak * (1e-3 + 0.999 * 0.5) * (1 - 5 / 210))
+    assert float(lr(105)) == pytest.approx(peak * 0.5)
+    assert float(lr(210)) == pytest.approx(0.0)

@@ -54,9 +54,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  def __init__(self, dim, patch_size):
+  def __init__(self, dim, patch_size, padding=0):
     super().__init__()
-    self.projection = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+    self.projection = nn.Conv2d(3, dim, patch_size, stride=patch_size, padding=padding)
 
   def forward(self, images):
     return self.projection(images).flatten(2).transpose(1, 2)
@@ -65,11 +65,11 @@ class PatchEmbed(nn.Module):
 class SapiensViT(nn.Module):
   """Backbone keys as in the `_clean` pretrain checkpoints (no prefix)."""
 
-  def __init__(self, width, depth, num_heads, image_size, patch_size=16, with_cls_token=True):
+  def __init__(self, width, depth, num_heads, image_size, patch_size=16, with_cls_token=True, padding=0):
     super().__init__()
     h, w = image_size
-    num_patches = (h // patch_size) * (w // patch_size)
-    self.patch_embed = PatchEmbed(width, patch_size)
+    num_patches = ((h + 2 * padding - patch_size) // patch_size + 1) * ((w + 2 * padding - patch_size) // patch_size + 1)
+    self.patch_embed = PatchEmbed(width, patch_size, padding)
     self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if with_cls_token else None
     self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(with_cls_token), width))
     self.layers = nn.ModuleList([Block(width, num_heads) for _ in range(depth)])
@@ -109,3 +109,77 @@ class MAENeck(nn.Module):
     for block in self.decoder_blocks:
       x = block(x)
     return self.decoder_pred(self.ln1(x))[:, 1:]
+
+
+# Task heads (sapiens_v1.md §2.4, §4.1, §5.2, §6, §7): NCHW in and out.
+
+
+def _stages(channels, first_in, make_layer):
+  """[layer, InstanceNorm2d, SiLU] per stage in one Sequential: learnable indices 0, 3, 6, ..."""
+  layers, cin = [], first_in
+  for cout in channels:
+    layers += [make_layer(cin, cout), nn.InstanceNorm2d(cout), nn.SiLU()]
+    cin = cout
+  return nn.Sequential(*layers)
+
+
+class _UpsampleHead(nn.Module):
+  """Deconv stages (k4 s2 p1, no bias), 1x1 conv stages, Dropout2d, final 1x1 conv named `final_name`."""
+
+  def __init__(self, in_channels, deconv_channels, conv_channels, out_channels, final_name, dropout):
+    super().__init__()
+    self.deconv_layers = _stages(
+        deconv_channels, in_channels, lambda i, o: nn.ConvTranspose2d(i, o, 4, stride=2, padding=1, bias=False))
+    self.conv_layers = _stages(conv_channels, deconv_channels[-1], lambda i, o: nn.Conv2d(i, o, 1))
+    self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
+    self.final_name = final_name
+    setattr(self, final_name, nn.Conv2d(conv_channels[-1], out_channels, 1))
+
+  def forward(self, x):
+    x = self.dropout(self.conv_layers(self.deconv_layers(x)))
+    return getattr(self, self.final_name)(x)
+
+
+class PoseHead(_UpsampleHead):
+  """mmpose HeatmapHead (keys under `head.`)."""
+
+  def __init__(self, in_channels, num_keypoints, channels=768):
+    super().__init__(in_channels, (channels,) * 2, (channels,) * 2, num_keypoints, "final_layer", 0.0)
+
+
+class SegHead(_UpsampleHead):
+  """mmseg VitHead (keys under `decode_head.`)."""
+
+  def __init__(self, in_channels, num_classes, channels=768):
+    super().__init__(in_channels, (channels,) * 3, (channels,) * 3, num_classes, "conv_seg", 0.1)
+
+
+class DepthHead(_UpsampleHead):
+  """VitDepthHead: four deconvs, two convs, one output channel."""
+
+  def __init__(self, in_channels, channels=384):
+    super().__init__(in_channels, (channels,) * 4, (channels,) * 2, 1, "conv_seg", 0.1)
+
+
+class NormalHead(SegHead):
+  """VitNormalHead: the seg head with 3 outputs."""
+
+  def __init__(self, in_channels, channels=768):
+    super().__init__(in_channels, 3, channels)
+
+
+class TaskModel(nn.Module):
+  """A fine-tuned Sapiens model: `backbone.*` (no cls token) and `head.*` / `decode_head.*`."""
+
+  def __init__(self, backbone, head, head_name, grid):
+    super().__init__()
+    self.backbone = backbone
+    self.grid = grid
+    setattr(self, head_name, head)
+    self.head_name = head_name
+
+  def forward(self, images_nchw):
+    tokens = self.backbone.forward_features(images_nchw)
+    b, _, c = tokens.shape
+    features = tokens.transpose(1, 2).reshape(b, c, *self.grid)  # featmap output: (B, C, h, w)
+    return getattr(self, self.head_name)(features)

@@ -1,0 +1,125 @@
+"""Fine-tuning evaluation over the whole held-out split, with the field's metrics.
+
+Pose: OKS AP/AR (pycocotools, the skeleton's sigmas) on ground-truth person boxes, with the
+reference's flip test. Seg: mIoU / mAcc / aAcc from one confusion matrix over the split. Depth:
+RMSE, AbsRel, delta1 on the foreground after least-squares scale-and-shift alignment (and raw).
+Normals: mean / median angular error and % within 11.25, 22.5, 30 degrees.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sapiens_jax import losses
+from sapiens_jax import metrics
+from sapiens_jax.data import heatmaps as heatmap_codec
+from sapiens_jax.data import meta
+from sapiens_jax.data import pipeline
+
+KEYPOINT_SCORE_THRESHOLD = 0.2  # mmpose CocoMetric: keypoints above it make the instance score
+
+
+def predict(params, images, *, model, config):
+  """The network's answer at the label resolution: pose heatmaps (flip-tested), seg labels,
+  depth (B, H, W), normals (B, H, W, 3)."""
+  outputs = model.apply({"params": params}, images)
+  if config.task == "pose":
+    flip_indices = jnp.asarray(meta.skeleton(config.data.labels).flip_indices)
+    flipped = model.apply({"params": params}, images[:, :, ::-1])
+    # Back to the original orientation, left and right channels swapped, no shift (reference §4.1).
+    return 0.5 * (outputs + flipped[:, :, ::-1][..., flip_indices])
+  hw = tuple(config.image_size)
+  if config.task == "seg":
+    return jnp.argmax(losses.resize_to(outputs, hw), axis=-1).astype(jnp.int32)
+  resized = losses.resize_to(outputs, hw)
+  return resized[..., 0] if config.task == "depth" else resized
+
+
+class PoseEvaluator:
+  def __init__(self, config, source):
+    self.sigmas = meta.skeleton(config.data.labels).sigmas
+    self.input_size = tuple(config.image_size)[::-1]  # (W, H)
+    with open(source.annotation_json) as f:
+      self.ground_truth = json.load(f)
+    self.results = []
+
+  def add(self, heatmaps, batch):
+    keypoints, scores = heatmap_codec.decode(heatmaps, input_size=self.input_size)
+    for i in np.flatnonzero(batch["valid"]):
+      xy = heatmap_codec.to_image_coords(keypoints[i], batch["center"][i], batch["scale"][i], self.input_size)
+      confident = scores[i][scores[i] > KEYPOINT_SCORE_THRESHOLD]
+      self.results.append({
+          "image_id": int(batch["image_id"][i]), "category_id": 1,
+          "keypoints": np.concatenate([xy, scores[i][:, None]], axis=1).ravel().tolist(),
+          "score": float(confident.mean()) if confident.size else 0.0})
+
+  def result(self):
+    seen = {r["image_id"] for r in self.results}  # data.num_eval may cover part of the split
+    gt = dict(self.ground_truth)
+    gt["images"] = [im for im in gt["images"] if im["id"] in seen]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
+    return metrics.oks_ap(gt, self.results, self.sigmas)
+
+
+class SegEvaluator:
+  def __init__(self, config):
+    self.num_classes = len(meta.seg_classes(config.data.labels).names)
+    self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+  def add(self, labels, batch):
+    for i in np.flatnonzero(batch["valid"]):
+      self.confusion += metrics.confusion_matrix(labels[i], batch["label"][i], self.num_classes)
+
+  def result(self):
+    return {k: v for k, v in metrics.seg_metrics(self.confusion).items() if np.ndim(v) == 0}
+
+
+class DepthEvaluator:
+  def __init__(self):
+    self.accumulator = metrics.DepthMetrics()
+
+  def add(self, depth, batch):
+    for i in np.flatnonzero(batch["valid"]):
+      gt = batch["depth"][i]
+      self.accumulator.add(depth[i], gt, gt >= 0)  # background is -1
+
+  def result(self):
+    return self.accumulator.result()
+
+
+class NormalEvaluator:
+  def __init__(self):
+    self.accumulator = metrics.NormalMetrics()
+
+  def add(self, normals, batch):
+    for i in np.flatnonzero(batch["valid"]):
+      gt = batch["normal"][i]
+      self.accumulator.add(normals[i], gt, gt[..., 0] > -100)  # background is -1000
+
+  def result(self):
+    out = self.accumulator.result()
+    out["mean_angle"], out["median_angle"] = out.pop("mean"), out.pop("median")
+    return out
+
+
+def make_evaluator(config, source):
+  if config.task == "pose":
+    return PoseEvaluator(config, source)
+  if config.task == "seg":
+    return SegEvaluator(config)
+  return DepthEvaluator() if config.task == "depth" else NormalEvaluator()
+
+
+def evaluate(config, params, predict_fn, source, to_global):
+  """Metrics of `params` over the eval split. `predict_fn(params, images)` is the jitted `predict`
+  with replicated outputs; `to_global` turns this process's rows of a host batch into a global
+  array. Every process loads whole global batches (their targets feed the metrics) and ends up
+  with the same numbers."""
+  evaluator = make_evaluator(config, source)
+  n, p = jax.process_count(), jax.process_index()
+  rows = config.eval_batch_size // n
+  for batch in pipeline.eval_batches(config, source, config.eval_batch_size):
+    images = to_global(batch["image"][p * rows:(p + 1) * rows])
+    evaluator.add(np.asarray(jax.device_get(predict_fn(params, images))), batch)
+  return evaluator.result()
