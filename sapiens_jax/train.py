@@ -29,6 +29,7 @@ from sapiens_jax import task_model
 from sapiens_jax import visualize
 from sapiens_jax import writers
 from sapiens_jax.data import pipeline
+from sapiens_jax.data import transforms
 
 
 def build_model(config):
@@ -255,6 +256,12 @@ def train_and_evaluate(config, workdir):
     p_predict = jax.jit(functools.partial(evaluate.predict, model=model, config=config),
                         in_shardings=(state_shardings["params"], batch_sharding), out_shardings=replicated)
     best_manager = checkpoint.make_best_manager(workdir, config)
+    p_forward = jax.jit(lambda params, images: model.apply({"params": params}, images),
+                        in_shardings=(state_shardings["params"], batch_sharding), out_shardings=replicated)
+    viz_batch = next(pipeline.eval_batches(config, eval_source, config.eval_batch_size))
+    rows = config.eval_batch_size // jax.process_count()
+    viz_images = viz_batch["image"][jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    target_key = {"seg": "label", "depth": "depth", "normal": "normal"}.get(config.task)
 
     def run_eval(step, params):
       results = evaluate.evaluate(
@@ -262,6 +269,15 @@ def train_and_evaluate(config, workdir):
           lambda local: jax.make_array_from_process_local_data(batch_sharding, local))
       writer.write_scalars(step, {f"eval_{k}": float(v) for k, v in results.items()})
       logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+      outputs = jax.device_get(p_forward(params, jax.make_array_from_process_local_data(batch_sharding, viz_images)))
+      if is_chief:  # image | target | prediction, one eval example per row
+        n = min(config.num_viz_images, int(viz_batch["valid"].sum()))
+        grid = visualize.stack_rows([visualize.task_panel(
+            config.task, transforms.denormalize(viz_batch["image"][i]),
+            viz_batch[target_key][i] if target_key else None, outputs[i], config.data.labels)
+            for i in range(n)])
+        visualize.save_png(os.path.join(workdir, "predictions", f"step_{step:07d}.png"), grid)
+        writer.write_image(step, "predictions", grid)
       if step not in best_manager.all_steps():  # a resumed run may evaluate a step again
         checkpoint.save(best_manager, step, state, data_iter, config, metrics=results)
   progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)
@@ -307,5 +323,5 @@ def train_and_evaluate(config, workdir):
   writer.close()
   logging.info("Done at step %d. Checkpoints: %s; metrics: %s; pictures: %s", config.total_steps,
                manager.directory, os.path.join(workdir, writers.METRICS_FILE),
-               os.path.join(workdir, "reconstructions"))
+               os.path.join(workdir, "reconstructions" if config.task == "mae" else "predictions"))
   return state

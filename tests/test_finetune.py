@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from sapiens_jax import train
@@ -59,6 +60,9 @@ def test_each_task_trains_evaluates_and_keeps_its_best_checkpoint(task, syntheti
   assert [r["step"] for r in evals] == [3, 6]
   assert all(np.isfinite(r[MAIN_METRIC[task]]) for r in evals)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  grid = np.asarray(Image.open(tmp_path / "predictions" / "step_0000006.png"))
+  tiles = 2 if task == "pose" else 3  # image | (target) | prediction
+  assert grid.shape[1] >= tiles * 48 and grid.shape[0] >= 2 * 64 and grid.std() > 0
   # Exactly one best checkpoint: the step with the best main metric (the later one on a tie).
   sign = 1 if task in ("depth", "normal") else -1
   values = {r["step"]: r[MAIN_METRIC[task]] for r in evals}
