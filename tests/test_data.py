@@ -297,8 +297,8 @@ def test_make_source_generated_is_larger_than_the_crop():
 
 
 def test_make_source_rejects_unknown_source():
-  with pytest.raises(ValueError, match="generated, folder, array_record"):
-    sources.make_source(data_config(source="tfds"), IMAGE_SIZE, 0)
+  with pytest.raises(ValueError, match="'nope'; expected one of generated, folder, array_record, tfds"):
+    sources.make_source(data_config(source="nope"), IMAGE_SIZE, 0)
 
 
 # ------------------------------------------------------------------ pipeline

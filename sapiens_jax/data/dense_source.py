@@ -101,53 +101,60 @@ class DenseSource:
             f" {self.num_skipped} skipped)")
 
   def load(self, element):
-    """Reads one element's files -> (uint8 RGB image, targets dict).
-
-    Targets: seg {"label": uint8 (H, W)}; depth {"mask": uint8 0/1,
-    "depth": float32}; normal {"mask", "normal": float32 (H, W, 3)}. Depth
-    or normal pixels that are NaN/inf (or depth <= 0) are taken off the
-    mask, so they train as background; a mask left with no person at all is
-    an error.
-    """
+    """Reads one element's files -> (uint8 RGB image, targets dict), see `decode_sample`."""
     image_path = element["image_path"]
     with open(image_path, "rb") as f:
       data = f.read()
-    try:
-      image = decode_image(data, image_path)
-    except ImageDecodeError as e:
-      raise DataError(str(e)) from e
-    size = image.shape[:2]
-    if self.task == "seg":
-      label = _read_png(element["label_path"], ("L", "P"))
-      _check_size(label, element["label_path"], size, image_path)
-      return image, {"label": label}
-    mask_path = element["mask_path"]
-    mask = _read_png(mask_path, ("1", "L", "P", "RGB"))
-    if mask.ndim == 3:
-      mask = mask.max(axis=-1)
-    _check_size(mask, mask_path, size, image_path)
-    name = self.task
-    path = element[f"{name}_path"]
-    values = _read_npy(path, size + ((3,) if name == "normal" else ()))
-    _check_size(values, path, size, image_path)
-    if name == "depth":
-      with np.errstate(invalid="ignore"):
-        valid = np.isfinite(values) & (values > 0)
-    else:
-      valid = np.isfinite(values).all(axis=-1)
-    mask = ((mask > 0) & valid).astype(np.uint8)
-    if not mask.any():
-      raise DataError(
-          f"{path!r}: no valid foreground pixel (mask {mask_path!r} is empty"
-          f" or every {name} value under it is NaN/inf"
-          f"{' or <= 0' if name == 'depth' else ''})")
-    return image, {"mask": mask, name: values}
+    files = {key: (element[key], element[key]) for _, _, key in TASK_FILES[self.task]}
+    return decode_sample(self.task, data, image_path, files)
 
 
-def _read_png(path, modes):
-  """A PNG's pixel values (palette indices for P), refusing other modes."""
+def decode_sample(task, image_data, image_name, files):
+  """Encoded image + label files -> (uint8 RGB image, targets dict), checked.
+
+  `files` maps each element key of TASK_FILES[task] (e.g. "label_path") to
+  (path or file object, name for errors), so folders and record shards share
+  one decoder. Targets: seg {"label": uint8 (H, W)}; depth {"mask": uint8
+  0/1, "depth": float32}; normal {"mask", "normal": float32 (H, W, 3)}. Depth
+  or normal pixels that are NaN/inf (or depth <= 0) are taken off the mask,
+  so they train as background; a mask left with no person at all is an error.
+  """
   try:
-    with Image.open(path) as png:
+    image = decode_image(image_data, image_name)
+  except ImageDecodeError as e:
+    raise DataError(str(e)) from e
+  size = image.shape[:2]
+  if task == "seg":
+    label_file, label_name = files["label_path"]
+    label = _read_png(label_file, label_name, ("L", "P"))
+    _check_size(label, label_name, size, image_name)
+    return image, {"label": label}
+  mask_file, mask_name = files["mask_path"]
+  mask = _read_png(mask_file, mask_name, ("1", "L", "P", "RGB"))
+  if mask.ndim == 3:
+    mask = mask.max(axis=-1)
+  _check_size(mask, mask_name, size, image_name)
+  values_file, path = files[f"{task}_path"]
+  values = _read_npy(values_file, path, size + ((3,) if task == "normal" else ()))
+  _check_size(values, path, size, image_name)
+  if task == "depth":
+    with np.errstate(invalid="ignore"):
+      valid = np.isfinite(values) & (values > 0)
+  else:
+    valid = np.isfinite(values).all(axis=-1)
+  mask = ((mask > 0) & valid).astype(np.uint8)
+  if not mask.any():
+    raise DataError(
+        f"{path!r}: no valid foreground pixel (mask {mask_name!r} is empty"
+        f" or every {task} value under it is NaN/inf"
+        f"{' or <= 0' if task == 'depth' else ''})")
+  return image, {"mask": mask, task: values}
+
+
+def _read_png(file, path, modes):
+  """A PNG's pixel values (palette indices for P), refusing other modes; `path` names `file`."""
+  try:
+    with Image.open(file) as png:
       width, height = png.size
       if width * height > MAX_IMAGE_PIXELS:
         raise DataError(
@@ -163,10 +170,10 @@ def _read_png(path, modes):
     raise DataError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
 
 
-def _read_npy(path, shape):
-  """A float .npy array as float32, checked against `shape`."""
+def _read_npy(file, path, shape):
+  """A float .npy array as float32, checked against `shape`; `path` names `file`."""
   try:
-    values = np.load(path, allow_pickle=False)
+    values = np.load(file, allow_pickle=False)
   except Exception as e:  # Truncated or foreign files raise assorted errors.
     raise DataError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
   if not np.issubdtype(values.dtype, np.floating):

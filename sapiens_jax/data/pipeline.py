@@ -19,6 +19,7 @@ from sapiens_jax.data import dense_transforms
 from sapiens_jax.data import meta
 from sapiens_jax.data import photometric
 from sapiens_jax.data import pose_transforms
+from sapiens_jax.data import record_sources
 from sapiens_jax.data import sources
 from sapiens_jax.data import synthetic_humans
 from sapiens_jax.data import transforms
@@ -163,10 +164,18 @@ def ensure_synthetic_data(config, workdir):
 
 
 def make_task_source(config, split, workdir=""):
-  """The random-access source of a pose (COCO keypoints) or dense (images + labels) split."""
+  """The random-access source of a pose (COCO keypoints) or dense (images + labels) split.
+
+  A folder written by sapiens_jax.data.convert is read from its shards (pose
+  then takes the COCO JSON stored there, not data.annotations).
+  """
   root = data_root(config, split, workdir)
   if not root:
     raise ValueError(f"config.data.path is empty: set it to the {config.task} dataset folder")
+  if record_sources.read_manifest(root) is not None:
+    if config.task == "pose":
+      return record_sources.RecordPoseSource(root)
+    return record_sources.RecordDenseSource(root, config.task)
   if config.task == "pose":
     if config.data.source == "synthetic":
       annotations = os.path.join(root, "person_keypoints.json")

@@ -6,6 +6,7 @@ all sources share one decode path and errors can name the offending file.
 import bisect
 import glob
 import io
+import json
 import math
 import os
 
@@ -16,7 +17,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SOURCE_NAMES = ("generated", "folder", "array_record")
+SOURCE_NAMES = ("generated", "folder", "array_record", "tfds")
 
 # Synthetic images are rendered this much larger than the training crop, so
 # that random_resized_crop still has something to choose from.
@@ -127,6 +128,58 @@ def write_array_record(path, encoded_images):
   finally:
     writer.close()
   return count
+
+
+class TfdsImageSource:
+  """The encoded "image" feature of a TFDS dataset prepared in the array_record format.
+
+  Read through `tfds.data_source`-style random access, which needs no
+  TensorFlow. `dataset` is a prepared dataset's folder (the one holding
+  dataset_info.json, e.g. ~/tensorflow_datasets/imagenet2012/5.1.0) or a TFDS
+  name such as "imagenet2012:5.1.0", looked up in TFDS's data dir
+  ($TFDS_DATA_DIR). Datasets prepared as TFRecord must be prepared again
+  with `--file_format=array_record`: reading those needs TensorFlow.
+  """
+
+  def __init__(self, dataset, split="train"):
+    # Imported here: TFDS takes ~0.5 s to import, which the other sources need not pay.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    dataset = os.fspath(dataset)
+    try:
+      if os.path.isfile(os.path.join(dataset, "dataset_info.json")):
+        builder = tfds.builder_from_directory(dataset)
+      else:
+        builder = tfds.builder(dataset)
+    except Exception as e:  # TFDS raises its own not-found errors, and more.
+      raise FileNotFoundError(
+          f"TFDS dataset {dataset!r} not found (expected a prepared dataset folder holding"
+          f" dataset_info.json, or a TFDS name prepared in $TFDS_DATA_DIR):"
+          f" {type(e).__name__}: {e}") from e
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format != "array_record":
+      raise ValueError(
+          f"TFDS dataset {dataset!r} is stored as {file_format!r}; random access without"
+          " TensorFlow needs array_record (prepare it with `tfds build --file_format=array_record`)")
+    if "image" not in builder.info.features:
+      raise ValueError(f"TFDS dataset {dataset!r} has no 'image' feature (features:"
+                       f" {', '.join(builder.info.features)})")
+    if split not in builder.info.splits:
+      raise ValueError(f"TFDS dataset {dataset!r} has no split {split!r} (splits:"
+                       f" {', '.join(builder.info.splits)})")
+    self.name = f"{builder.info.full_name}/{split}"
+    # SkipDecoding keeps the encoded bytes, so decoding (and its errors) is decode_image's.
+    self._records = builder.as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    index = int(index)
+    return {"name": f"tfds:{self.name}#{index}", "data": self._records[index]["image"]}
+
+  def __repr__(self):
+    return f"TfdsImageSource({self.name!r}, {len(self)} images)"
 
 
 class GeneratedSource:
@@ -248,6 +301,25 @@ def make_source(data_config, image_size, seed):
   if name == "folder":
     return ImageFolderSource(data_config.path)
   if name == "array_record":
+    _check_converted_kind(data_config.path)
     return ArrayRecordImageSource(data_config.path)
+  if name == "tfds":
+    return TfdsImageSource(data_config.path)
   raise ValueError(
       f"unknown data source {name!r}; expected one of {', '.join(SOURCE_NAMES)}")
+
+
+def _check_converted_kind(path):
+  """A folder from sapiens_jax.data.convert must hold raw images (kind "images") for MAE."""
+  manifest_path = os.path.join(path, "manifest.json")
+  if not os.path.isfile(manifest_path):
+    return
+  with open(manifest_path, "rb") as f:
+    try:
+      manifest = json.load(f)
+    except ValueError:
+      return  # Not the converter's manifest; the shards speak for themselves.
+  if isinstance(manifest, dict) and manifest.get("kind", "images") != "images":
+    raise ValueError(
+        f"{manifest_path}: holds {manifest['kind']!r} records; MAE pretraining reads"
+        " `python -m sapiens_jax.data.convert --kind=images` output")
