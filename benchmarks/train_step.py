@@ -31,6 +31,7 @@ from sapiens_jax import optim
 from sapiens_jax import sharding
 from sapiens_jax import train
 from sapiens_jax import vit
+from sapiens_jax.data import transforms
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; the step time is their median.")
@@ -124,9 +125,9 @@ def time_calls(fn, steps, warmup):
 
 
 def synthetic_images(config):
-  """A fixed normalised-image-like batch (B, H, W, 3); the same one goes to torch."""
+  """A fixed uint8 RGB batch (B, H, W, 3), as the pipelines ship it (the step normalises it)."""
   rng = np.random.default_rng(config.seed)
-  return rng.normal(size=(config.batch_size, *config.image_size, 3)).astype(np.float32)
+  return rng.integers(0, 256, size=(config.batch_size, *config.image_size, 3), dtype=np.uint8)
 
 
 def benchmark_jax(config, images, steps, warmup, breakdown):
@@ -192,7 +193,9 @@ def main(argv):
       mfu=flops / result["step_time_s"] / peak_total)
   if _TORCH.value:
     import torch_mae  # pylint: disable=g-import-not-at-top
-    t = torch_mae.benchmark(config, images, _STEPS.value, _WARMUP.value, _THREADS.value, _BREAKDOWN.value)
+    # torch gets the same batch normalised, as the JAX step normalises it on the device.
+    t = torch_mae.benchmark(config, transforms.normalize(images), _STEPS.value, _WARMUP.value, _THREADS.value,
+                            _BREAKDOWN.value)
     t["torch_matmul_flops"] = torch_mae.matmul_flops()
     t["torch_mfu"] = flops / t["torch_step_time_s"] / peak_total
     t["speedup_vs_torch"] = t["torch_step_time_s"] / result["step_time_s"]

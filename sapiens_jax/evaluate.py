@@ -16,13 +16,15 @@ from sapiens_jax import metrics
 from sapiens_jax.data import heatmaps as heatmap_codec
 from sapiens_jax.data import meta
 from sapiens_jax.data import pipeline
+from sapiens_jax.data import transforms
 
 KEYPOINT_SCORE_THRESHOLD = 0.2  # mmpose CocoMetric: keypoints above it make the instance score
 
 
 def predict(params, images, *, model, config):
-  """The network's answer at the label resolution: pose heatmaps (flip-tested), seg labels,
-  depth (B, H, W), normals (B, H, W, 3)."""
+  """The network's answer for uint8 RGB `images` (normalised here, on the device) at the label
+  resolution: pose heatmaps (flip-tested), seg labels, depth (B, H, W), normals (B, H, W, 3)."""
+  images = transforms.normalize(images)
   outputs = model.apply({"params": params}, images)
   if config.task == "pose":
     flip_indices = jnp.asarray(meta.skeleton(config.data.labels).flip_indices)

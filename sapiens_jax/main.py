@@ -1,4 +1,4 @@
-r"""Entry point: `python -m sapiens_jax.main --config=configs/X.py --workdir=DIR [--dry_run]`.
+r"""Entry point: `python -m sapiens_jax.main --config=configs/X.py --workdir=DIR [--dry_run] [--mode=eval]`.
 
 Config values are overridden with `--config.key=value`; the config is locked, so a misspelt key
 is an error that names it. A run resumes from the newest checkpoint in --workdir by itself.
@@ -19,6 +19,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print sizes, FLOPs and memory as JSON; train nothing.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (resuming if the workdir has a checkpoint), or eval: evaluate the newest "
+                          "checkpoint once (metrics.jsonl, TensorBoard, pictures) and exit.")
 # Multi-process runs: launch/local.sh passes all three, launch/tpu_vm.sh the address (JAX reads
 # the rest from the TPU metadata), and under SLURM JAX finds all three by itself.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -61,7 +64,7 @@ def main(argv):
   logging.info("JAX %s, process %d of %d, %d of %d device(s): %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  train.train_and_evaluate(config, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value, eval_only=_MODE.value == "eval")
 
 
 if __name__ == "__main__":

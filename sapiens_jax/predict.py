@@ -66,7 +66,8 @@ def check_task(config, task):
 
 @functools.cache
 def _network(config_json, task):
-  """The jitted (params, images) -> outputs of `task`, one per run config (compiled once per shape)."""
+  """The jitted (params, uint8 images) -> outputs of `task`, one per run config (compiled once per
+  shape); images are normalised inside, on the device, as in training."""
   config = ml_collections.ConfigDict(json.loads(config_json))
   if task == "features":
     # An MAE encoder attends to its cls token; a fine-tuned one has none (reference section 8).
@@ -74,17 +75,17 @@ def _network(config_json, task):
     encoder = vit.vit_from_config(config.model, config.image_size, use_cls_token=with_cls)
 
     def features(params, images):
-      tokens = encoder.apply({"params": params["encoder"]}, images)[:, int(with_cls):]
+      tokens = encoder.apply({"params": params["encoder"]}, transforms.normalize(images))[:, int(with_cls):]
       return jnp.moveaxis(heads.tokens_to_map(tokens, encoder.grid), -1, 1).astype(jnp.float32)
     return jax.jit(features)
   model = train.build_model(config)
   if task == "pose":
     return jax.jit(functools.partial(evaluate.predict, model=model, config=config))
-  return jax.jit(lambda params, images: model.apply({"params": params}, images))
+  return jax.jit(lambda params, images: model.apply({"params": params}, transforms.normalize(images)))
 
 
 def run_network(config, params, task, inputs, batch_size):
-  """Outputs of a list of (H, W, 3) normalised inputs, in fixed-size batches (the last zero-padded,
+  """Outputs of a list of uint8 (H, W, 3) inputs, in fixed-size batches (the last zero-padded,
   so every batch reuses one compiled program), as one numpy array."""
   forward = _network(json.dumps(config.to_dict()), task)
   outputs = []
@@ -100,13 +101,13 @@ def whole_image_box(image):
 
 
 def network_inputs(config, task, image, boxes):
-  """(inputs, crops): one normalised network input per person box (pose) or per image."""
+  """(inputs, crops): one uint8 network input per person box (pose) or per image."""
   height, width = config.image_size
   if task != "pose":
     stretched = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    return [transforms.normalize(stretched)], None
+    return [stretched], None
   crops = [pose_transforms.topdown_eval_sample(image, box, input_size=(width, height)) for box in boxes]
-  return [transforms.normalize(c["image"]) for c in crops], crops
+  return [c["image"] for c in crops], crops
 
 
 def keypoints_from_heatmaps(heatmaps, centers, scales, input_size):

@@ -72,12 +72,15 @@ def create_train_state(model, tx, config, mesh, rules):
 
 
 def loss_fn(params, model, batch, keys, config):
-  """Loss and model outputs; `keys` holds one PRNG key per example (MAE masks, head dropout)."""
+  """Loss and model outputs; `keys` holds one PRNG key per example (MAE masks, head dropout).
+
+  batch["image"] is uint8 RGB as the pipelines ship it; it is normalised here, on the device.
+  """
+  images = transforms.normalize(batch["image"])
   if config.task == "mae":
-    images = batch["image"]
     pred, mask = model.apply({"params": params}, images, keys)
     return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
-  outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": keys[0]})
+  outputs = model.apply({"params": params}, images, train=True, rngs={"dropout": keys[0]})
   return task_model.loss(config, outputs, batch), outputs
 
 
@@ -132,11 +135,12 @@ def jit_train_step(model, tx, config, mesh, rules, state_shardings):
 
 def eval_step(params, batch, *, model, config):
   """Loss on a small fixed batch with fixed masks, comparable across steps, and the first
-  `num_viz_images` examples with their reconstruction (small enough to hand to every device)."""
+  `num_viz_images` examples (normalised, as the reconstruction grid expects) with their
+  reconstruction (small enough to hand to every device)."""
   keys = mae.example_keys(jax.random.key(config.seed + 1), batch["image"].shape[0])
   loss, (pred, mask) = loss_fn(params, model, batch, keys, config)
   n = config.num_viz_images
-  return loss, batch["image"][:n], pred[:n], mask[:n]
+  return loss, transforms.normalize(batch["image"][:n]), pred[:n], mask[:n]
 
 
 class PreemptionSignal:
@@ -178,7 +182,11 @@ def check_config(config):
       raise ValueError(f"config.{key} must be positive, got {config[key]}")
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, eval_only=False):
+  """Trains (resuming from the workdir's newest checkpoint, if any), evaluating as it goes.
+
+  With `eval_only`, evaluates the newest checkpoint (metrics, pictures) and returns.
+  """
   check_config(config)
   image_size = tuple(config.image_size)
   is_chief = jax.process_index() == 0
@@ -222,6 +230,8 @@ def train_and_evaluate(config, workdir):
   start_step, state = checkpoint.restore_newest(manager, abstract_state, data_iter, config)
   if start_step:
     logging.info("Resumed from %s at step %d", manager.directory, start_step)
+  elif eval_only:
+    raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {manager.directory}")
   else:
     state = init_train_state(model, tx, config, mesh, rules, abstract_state)
     if config.init_from:
@@ -256,8 +266,9 @@ def train_and_evaluate(config, workdir):
     p_predict = jax.jit(functools.partial(evaluate.predict, model=model, config=config),
                         in_shardings=(state_shardings["params"], batch_sharding), out_shardings=replicated)
     best_manager = checkpoint.make_best_manager(workdir, config)
-    p_forward = jax.jit(lambda params, images: model.apply({"params": params}, images),
-                        in_shardings=(state_shardings["params"], batch_sharding), out_shardings=replicated)
+    forward = lambda params, images: model.apply({"params": params}, transforms.normalize(images))
+    p_forward = jax.jit(forward, in_shardings=(state_shardings["params"], batch_sharding),
+                        out_shardings=replicated)
     viz_batch = next(pipeline.eval_batches(config, eval_source, config.eval_batch_size))
     rows = config.eval_batch_size // jax.process_count()
     viz_images = viz_batch["image"][jax.process_index() * rows:(jax.process_index() + 1) * rows]
@@ -273,13 +284,19 @@ def train_and_evaluate(config, workdir):
       if is_chief:  # image | target | prediction, one eval example per row
         n = min(config.num_viz_images, int(viz_batch["valid"].sum()))
         grid = visualize.stack_rows([visualize.task_panel(
-            config.task, transforms.denormalize(viz_batch["image"][i]),
+            config.task, viz_batch["image"][i],
             viz_batch[target_key][i] if target_key else None, outputs[i], config.data.labels)
             for i in range(n)])
         visualize.save_png(os.path.join(workdir, "predictions", f"step_{step:07d}.png"), grid)
         writer.write_image(step, "predictions", grid)
       if step not in best_manager.all_steps():  # a resumed run may evaluate a step again
         checkpoint.save(best_manager, step, state, data_iter, config, metrics=results)
+  if eval_only:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      run_eval(start_step, state["params"])
+    writer.close()
+    return state
+
   progress = writers.Progress(config.total_steps, config.batch_size, start_step, every_secs=0)
   skipped = 0
   preemption = PreemptionSignal()

@@ -13,11 +13,9 @@ from PIL import Image
 
 from sapiens_jax.data import heatmaps as heatmap_codec
 from sapiens_jax.data import meta
+from sapiens_jax.data import transforms
 from sapiens_jax.patches import patchify, unpatchify
 
-# Per-channel RGB normalisation on the 0-255 scale used for every Sapiens input image.
-_MEAN = np.array((123.675, 116.28, 103.53), np.float32)
-_STD = np.array((58.395, 57.12, 57.375), np.float32)
 _NORM_PIX_EPS = 1e-6  # must match the norm_pix loss target
 _GREY = 128
 _GAP = 4  # white pixels between tiles
@@ -25,7 +23,7 @@ _GAP = 4  # white pixels between tiles
 
 def _to_uint8(images):
   """Normalised float images -> displayable uint8."""
-  return np.clip(np.rint(images * _STD + _MEAN), 0, 255).astype(np.uint8)
+  return transforms.denormalize(images)
 
 
 def _unnormalize_pred(pred, target):

@@ -62,7 +62,7 @@ def write_tagged_folder(root, num=NUM_TAGGED, corrupt=()):
 
 def record_ids(batch):
   """Recovers which tagged record each example of a batch came from."""
-  red = transforms.denormalize(batch["image"])[:, :, :, 0].astype(np.float32)
+  red = batch["image"][:, :, :, 0].astype(np.float32)
   assert np.all(np.abs(red - red[:, :1, :1]) <= 1), "tagged image not solid"
   return [int(round(r / 10)) for r in red[:, 0, 0]]
 
@@ -322,12 +322,11 @@ def test_pipeline_batch_shapes_and_values():
   batch = next(iterator)
   assert set(batch) == {"image", "skipped"}
   assert batch["image"].shape == (BATCH, 24, 16, 3)
-  assert batch["image"].dtype == np.float32
+  assert batch["image"].dtype == np.uint8  # normalised on the device by the train step
   assert batch["skipped"].shape == (BATCH,)
   assert batch["skipped"].dtype == np.int32
   assert np.all(batch["skipped"] == 0)
-  assert -2.2 < batch["image"].min() and batch["image"].max() < 2.7
-  assert abs(float(batch["image"].mean())) < 1.0
+  assert batch["image"].std() > 0
 
 
 def test_pipeline_is_deterministic_given_the_seed():

@@ -85,6 +85,18 @@ def test_finetuning_resumes_exactly(synthetic_root, tmp_path):
   a = {r["step"]: r["loss"] for r in writers.read_metrics(full) if "loss" in r}
   b = {r["step"]: r["loss"] for r in writers.read_metrics(cut) if "loss" in r}
   np.testing.assert_array_equal([a[s] for s in (4, 5, 6)], [b[s] for s in (4, 5, 6)])
+  # --mode=eval: the newest checkpoint evaluated once, the same numbers as at the end of training.
+  shutil.rmtree(cut / "predictions")
+  with open(cut / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in writers.read_metrics(full) if r["step"] <= 5)
+  train.train_and_evaluate(config, str(cut), eval_only=True)
+  records = writers.read_metrics(cut)
+  assert records[-1]["step"] == 6 and "loss" not in records[-1]  # evaluated, not trained
+  final = [r for r in writers.read_metrics(full) if "eval_mIoU" in r][-1]
+  assert records[-1]["eval_mIoU"] == pytest.approx(final["eval_mIoU"])
+  assert os.listdir(cut / "predictions") == ["step_0000006.png"]
+  with pytest.raises(FileNotFoundError, match="nothing to evaluate"):
+    train.train_and_evaluate(config, str(tmp_path / "empty"), eval_only=True)
 
 
 @pytest.mark.parametrize("task", ["pose", "seg"])

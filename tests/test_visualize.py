@@ -83,7 +83,7 @@ def test_reconstruction_grid_limits_rows_and_shows_prediction_column():
 
 def test_to_uint8_inverts_normalisation():
   pixels = np.array([[0, 128, 255]], np.float32)
-  normalised = (pixels - visualize._MEAN) / visualize._STD
+  normalised = (pixels - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
   np.testing.assert_array_equal(visualize._to_uint8(normalised), pixels.astype(np.uint8))
 
 

@@ -21,7 +21,6 @@ from sapiens_jax.data import heatmaps as heatmap_codec
 from sapiens_jax.data import pipeline
 from sapiens_jax.data import pose_transforms
 from sapiens_jax.data import sources
-from sapiens_jax.data import transforms
 
 SPLITS = ("train", "eval")
 PANELS_PER_ROW = 4
@@ -89,7 +88,7 @@ def sample_panels(config, num, split="train", workdir=""):
   panels = []
   for i in range(num):
     example = load(i % num_records, np.random.default_rng([config.seed, i]))
-    image = transforms.denormalize(example["image"])
+    image = example["image"]  # uint8, as the pipeline ships it
     if config.task == "mae":
       panels.append(image)
     else:

@@ -70,7 +70,7 @@ def load_pretrain_example(source, image_size, skip_bad, record_index, rng):
     record = source[index]
     image = transforms.decode_image(record["data"], record["name"])
     image = transforms.random_resized_crop(image, rng, image_size)
-    return {"image": transforms.normalize(transforms.random_flip(image, rng))}
+    return {"image": transforms.random_flip(image, rng)}  # uint8: the step normalises on the device
   return load_with_skips(load, len(source), skip_bad, record_index)
 
 
@@ -120,7 +120,7 @@ def make_pretrain_iterator(data_config, *, image_size, batch_size, seed,
                            process_index=0, process_count=1):
   """Infinite, checkpointable iterator of this process's pretraining batches.
 
-  Yields {"image": float32 (batch_size, H, W, 3) normalised,
+  Yields {"image": uint8 (batch_size, H, W, 3) RGB (normalised on the device by the step),
           "skipped": int32 (batch_size,)}; `batch_size` is per process (see _stream).
   """
   _check_on_error(data_config)
@@ -207,7 +207,7 @@ def _heatmap_size(image_size):
 
 def load_task_train_example(task, source, image_size, labels, sigma,
                             backgrounds, index, rng):
-  """Record `index` of `source` through the task's augmentation recipe, normalised."""
+  """Record `index` of `source` through the task's augmentation recipe; the image stays uint8."""
   if task == "pose":
     element = source[index]
     image = transforms.decode_image(source.read_bytes(element), element["image_name"])
@@ -218,7 +218,7 @@ def load_task_train_example(task, source, image_size, labels, sigma,
         lower_ids=skeleton.lower_body_ids, input_size=image_size[::-1],
         heatmap_size=_heatmap_size(image_size), sigma=sigma,
         photometric=photometric.photometric_distortion)
-    return {"image": transforms.normalize(sample["image"]), "heatmaps": sample["heatmaps"],
+    return {"image": sample["image"], "heatmaps": sample["heatmaps"],
             "target_weight": sample["target_weight"]}
   image, targets = source.load(source[index])
   if task == "seg":
@@ -229,7 +229,7 @@ def load_task_train_example(task, source, image_size, labels, sigma,
     recipe = {"depth": dense_transforms.depth_train_sample,
               "normal": dense_transforms.normal_train_sample}[task]
     sample = recipe(image, targets, rng, size=image_size, background_images=backgrounds)
-  return {"image": transforms.normalize(sample.pop("image")), **sample}
+  return {"image": sample.pop("image"), **sample}
 
 
 def _load_task_record(example, num_records, skip_bad, record_index, rng):
@@ -240,9 +240,9 @@ def make_task_iterator(config, *, batch_size, seed, workdir="", process_index=0,
                        process_count=1):
   """Infinite, checkpointable iterator of this process's fine-tuning batches.
 
-  Yields "image" (normalised), the task's targets (pose: "heatmaps",
-  "target_weight"; seg: "label"; depth: "depth"; normal: "normal") and
-  "skipped", each with `batch_size` (per process) rows.
+  Yields "image" (uint8 RGB, normalised on the device by the step), the task's
+  targets (pose: "heatmaps", "target_weight"; seg: "label"; depth: "depth";
+  normal: "normal") and "skipped", each with `batch_size` (per process) rows.
   """
   _check_on_error(config.data)
   source = make_task_source(config, "train", workdir)
@@ -270,14 +270,13 @@ def load_task_eval_example(task, source, image_size, index):
     recipe = {"seg": dense_transforms.seg_eval_sample, "depth": dense_transforms.depth_eval_sample,
               "normal": dense_transforms.normal_eval_sample}[task]
     sample = recipe(image, targets, size=image_size)
-  sample["image"] = transforms.normalize(sample["image"])
-  return sample
+  return sample  # "image" stays uint8: evaluate.predict normalises on the device
 
 
 def eval_batches(config, source, batch_size):
   """The eval split in order, in global batches of `batch_size` (the last one padded by
-  repeating its first row); "valid" marks real rows. Bad records always raise: an eval
-  that silently drops files would not be comparable across runs."""
+  repeating its first row); "image" is uint8 RGB and "valid" marks real rows. Bad records
+  always raise: an eval that silently drops files would not be comparable across runs."""
   num = min(len(source), config.data.num_eval) if config.data.num_eval else len(source)
   image_size = tuple(int(s) for s in config.image_size)
   for start in range(0, num, batch_size):

@@ -115,10 +115,18 @@ def random_flip(image, rng, prob=0.5):
 
 
 def normalize(image):
-  """uint8 RGB -> float32 with per-channel (x - MEAN_RGB) / STD_RGB."""
+  """uint8 RGB -> float32 with per-channel (x - MEAN_RGB) / STD_RGB.
+
+  Pipelines ship uint8 (a quarter of the bytes) and the jitted steps call this on the device: a
+  jax array (or tracer) in gives a jax array out. The division is a multiplication by the float32
+  reciprocal, which is what XLA turns a division by a constant into, so host and device results
+  are bit-identical.
+  """
   mean = np.asarray(MEAN_RGB, dtype=np.float32)
-  std = np.asarray(STD_RGB, dtype=np.float32)
-  return (np.asarray(image, dtype=np.float32) - mean) / std
+  inverse_std = np.float32(1) / np.asarray(STD_RGB, dtype=np.float32)
+  if not hasattr(image, "astype"):  # lists, scalars
+    image = np.asarray(image)
+  return (image.astype(np.float32) - mean) * inverse_std
 
 
 def denormalize(x):
