@@ -158,12 +158,16 @@ def test_sigterm_saves_the_current_step_and_a_rerun_finishes(tmp_path):
   assert sorted(losses(tmp_path))[-3:] == [saved[0], saved[0] + 1, saved[0] + 2]
 
 
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(tiny_config, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(damage, tiny_config, tmp_path, caplog):
   tiny_config.total_steps = 8
   train.train_and_evaluate(tiny_config, str(tmp_path))  # checkpoints at 4 and 8
   state_dir = tmp_path / "checkpoints" / "8" / "state"
   biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # truncated
+  if damage == "truncated":
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  else:
+    biggest.unlink()
   tiny_config.total_steps = 10
   with caplog.at_level("WARNING"):
     state = train.train_and_evaluate(tiny_config, str(tmp_path))
