@@ -155,3 +155,34 @@ def test_finetuning_starts_from_an_mae_run_of_ours(tiny_config, tmp_path, caplog
   np.testing.assert_array_equal(params["encoder"]["pos_embed"], expected)
   assert params["encoder"]["pos_embed"].shape == (1, 12, 64)
   assert any("task head" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_an_original_task_checkpoint_loads_its_head_when_it_fits(tmp_path, caplog):
+  """A reference-format pose checkpoint ({'state_dict': backbone.* + head.*}) loads backbone and
+  head; the same file into a 133-keypoint config keeps the backbone and starts the head fresh."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from sapiens_jax import export, init_from, vit  # pylint: disable=g-import-not-at-top,multiple-imports
+  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  config = tiny_finetune_config("pose")
+  width, depth, num_heads = vit.size_dims("tiny")
+  torch.manual_seed(0)
+  backbone = torch_reference.SapiensViT(width, depth, num_heads, (64, 48), with_cls_token=False, padding=2)
+  head = torch_reference.PoseHead(width, 17, channels=16)
+  model = torch_reference.TaskModel(backbone, head, "head", (4, 3))
+  path = tmp_path / "sapiens_tiny_coco_best_coco_AP.pth"
+  torch.save({"state_dict": model.state_dict()}, path)
+
+  params = init_from.load_params(str(path), export.abstract_params(config), config)
+  np.testing.assert_array_equal(params["head"]["final_layer"]["kernel"],
+                                head.final_layer.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["encoder"]["pos_embed"], backbone.pos_embed.detach().numpy())
+
+  config.data.labels = "coco_wholebody133"
+  fresh = export.abstract_params(config)
+  with caplog.at_level(logging.INFO):
+    params = init_from.load_params(str(path), fresh, config)
+  assert params["head"] is fresh["head"]  # left as the model's own (fresh) head
+  np.testing.assert_array_equal(params["encoder"]["ln1"]["scale"], backbone.ln1.weight.detach().numpy())
+  assert any("head does not fit" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
