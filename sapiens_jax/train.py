@@ -196,6 +196,11 @@ def train_and_evaluate(config, workdir, eval_only=False):
   rules = sharding.rules(config)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shards = sharding.batch_shards(mesh, rules)
+  for key in ("batch_size",) + (("eval_batch_size",) if config.task != "mae" else ()):
+    if config[key] % shards:
+      raise ValueError(f"config.{key}={config[key]} must be divisible by the {shards} devices the batch "
+                       f"is split over (mesh {dict(mesh.shape)})")
 
   # Model, optimizer, state.
   model = build_model(config)
