@@ -186,3 +186,26 @@ def test_an_original_task_checkpoint_loads_its_head_when_it_fits(tmp_path, caplo
   assert params["head"] is fresh["head"]  # left as the model's own (fresh) head
   np.testing.assert_array_equal(params["encoder"]["ln1"]["scale"], backbone.ln1.weight.detach().numpy())
   assert any("head does not fit" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(synthetic_root):
+  """Heatmaps made from the ground truth, in each eval crop's coordinates, go through the whole eval
+  path (crop centre/scale, DARK-UDP decode, back to image pixels, pycocotools OKS) to AP ~ 1."""
+  from sapiens_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.data import heatmaps, pipeline  # pylint: disable=g-import-not-at-top,multiple-imports
+  config = tiny_finetune_config("pose")
+  config.data.path = synthetic_root
+  config.data.num_eval = 0  # every person of the eval split
+  source = pipeline.make_task_source(config, "eval")
+  evaluator = evaluate.make_evaluator(config, source)
+  h, w = config.image_size
+  row = 0
+  for batch in pipeline.eval_batches(config, source, config.eval_batch_size):
+    maps = []
+    for i in range(len(batch["image"])):
+      person = source[min(row + i, len(source) - 1)]
+      in_crop = (person["keypoints"] - batch["center"][i] + 0.5 * batch["scale"][i]) / batch["scale"][i] * [w, h]
+      maps.append(heatmaps.encode(in_crop, person["visible"], (w, h), (w // 4, h // 4), config.heatmap_sigma)[0])
+    row += len(batch["image"])
+    evaluator.add(np.stack(maps), batch)
+  assert evaluator.result()["AP"] > 0.95
