@@ -27,7 +27,9 @@ setuptools.setup(
         "tensorboard>=2.16",  # event files are written with tensorboard's own writer (no TensorFlow)
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # scikit-image: its bundled astronaut photo is the real photo of the parity tests.
+        "test": ["pytest>=8", "scipy", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "scikit-image>=0.22"],
         # Exact pin: any looser spelling may pull a CUDA build of several GB.
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
     },

@@ -1,5 +1,4 @@
 """Weights cross to PyTorch and back: names, layouts, numerics against an independent torch model, the CLI."""
-import io
 import os
 import re
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-from PIL import Image
 import pytest
 
 from sapiens_jax import export
@@ -16,12 +14,12 @@ from sapiens_jax import mae
 from sapiens_jax import torch_names
 from sapiens_jax import train
 from sapiens_jax import vit
-from sapiens_jax.data import sources
 from sapiens_jax.data import transforms
 
 # torch is an optional extra (`pip install -e .[torch]`); CI installs it, so these tests run there.
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+import photos  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,13 +116,6 @@ def test_keys_and_shapes_are_the_original_ones_and_load_strictly():
   assert {k for k in prefixed if not k.startswith("neck.")} == {"backbone." + k for k in ours_backbone}
 
 
-def photo_like(image_size):
-  """One generated stick-figure picture, normalised as in training: (1, H, W, 3)."""
-  record = sources.GeneratedSource(1, image_size, seed=3)[0]
-  image = np.asarray(Image.open(io.BytesIO(record["data"])).convert("RGB"))
-  return transforms.normalize(image)[None]
-
-
 def torch_features(backbone, images_nhwc):
   with torch.no_grad():
     return backbone.forward_features(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
@@ -144,14 +135,14 @@ def test_backbone_matches_the_torch_reference(with_cls_token):
     params["pos_embed"] = params["pos_embed"][:, 1:]
   backbone, _ = reference_models(image_size, with_cls_token)
   backbone.load_state_dict(as_torch(torch_names.to_torch({"encoder": params})), strict=True)
-  # Two images of unit Gaussian noise, then one photo-like picture.
+  # Two images of unit Gaussian noise, then a real photo, normalised as in training.
   noise = np.random.default_rng(1).standard_normal((2, *image_size, 3)).astype(np.float32)
-  images = np.concatenate([noise, photo_like(image_size)])
+  images = np.concatenate([noise, transforms.normalize(photos.astronaut(image_size))[None]])
   theirs = torch_features(backbone, images)
   ours = apply(vit.ViT(WIDTH, DEPTH, HEADS, image_size, use_cls_token=with_cls_token), params, images)
   assert ours.shape == theirs.shape == (3, 12 + int(with_cls_token), WIDTH)
   diff = np.abs(ours - theirs).max(axis=(1, 2))
-  print(f"cls={with_cls_token} float32 max abs diff: noise {diff[:2].max():.1e}, photo-like {diff[2]:.1e}")
+  print(f"cls={with_cls_token} float32 max abs diff: noise {diff[:2].max():.1e}, photo {diff[2]:.1e}")
   assert diff.max() < 1e-4  # measured 3e-6 to 5e-6
   # bfloat16 compute (params stay float32) against the float32 reference: measured 2e-2 to 4e-2,
   # the rounding of O(1) activations to 8 mantissa bits; reported, loosely bounded.
@@ -209,7 +200,7 @@ def test_cli_exports_a_trained_run_that_torch_loads_strictly(tiny_config, tmp_pa
   backbone.load_state_dict(torch_backbone, strict=True)
   neck.load_state_dict(torch_neck, strict=True)
   # The loaded torch model computes what the trained Flax encoder computes.
-  images = photo_like(tuple(tiny_config.image_size))
+  images = transforms.normalize(photos.astronaut(tuple(tiny_config.image_size)))[None]
   ours = apply(vit.vit_from_config(tiny_config.model, tiny_config.image_size), state["params"]["encoder"], images)
   assert np.abs(ours - torch_features(backbone, images)).max() < 1e-4
 

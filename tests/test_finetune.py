@@ -111,7 +111,10 @@ def test_exported_task_model_matches_pytorch(task, tmp_path):
 
   config = tiny_finetune_config(task)
   model = train.build_model(config)
-  images = np.random.default_rng(0).normal(size=(2, 64, 48, 3)).astype(np.float32)
+  import photos  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  noise = np.random.default_rng(0).normal(size=(1, 64, 48, 3)).astype(np.float32)
+  images = np.concatenate([noise, transforms.normalize(photos.astronaut((64, 48)))[None]])  # + a real photo
   params = nn.unbox(model.init(jax.random.key(1), images[:1])["params"])
   params = jax.tree.map(lambda p: p + 0.01 * np.random.default_rng(2).normal(size=p.shape).astype(p.dtype), params)
   ours = np.asarray(model.apply({"params": params}, images))
