@@ -77,31 +77,23 @@ class SegEvaluator:
     return {k: v for k, v in metrics.seg_metrics(self.confusion).items() if np.ndim(v) == 0}
 
 
-class DepthEvaluator:
-  def __init__(self):
-    self.accumulator = metrics.DepthMetrics()
+class DenseEvaluator:
+  """Depth or normals: the metrics' own accumulator, fed each image's foreground (the targets mark
+  background with -1 for depth and -1000 for normals)."""
 
-  def add(self, depth, batch):
+  def __init__(self, task):
+    self.task = task
+    self.accumulator = metrics.DepthMetrics() if task == "depth" else metrics.NormalMetrics()
+
+  def add(self, predictions, batch):
     for i in np.flatnonzero(batch["valid"]):
-      gt = batch["depth"][i]
-      self.accumulator.add(depth[i], gt, gt >= 0)  # background is -1
-
-  def result(self):
-    return self.accumulator.result()
-
-
-class NormalEvaluator:
-  def __init__(self):
-    self.accumulator = metrics.NormalMetrics()
-
-  def add(self, normals, batch):
-    for i in np.flatnonzero(batch["valid"]):
-      gt = batch["normal"][i]
-      self.accumulator.add(normals[i], gt, gt[..., 0] > -100)  # background is -1000
+      gt = batch[self.task][i]
+      self.accumulator.add(predictions[i], gt, gt >= 0 if self.task == "depth" else gt[..., 0] > -100)
 
   def result(self):
     out = self.accumulator.result()
-    out["mean_angle"], out["median_angle"] = out.pop("mean"), out.pop("median")
+    if self.task == "normal":
+      out["mean_angle"], out["median_angle"] = out.pop("mean"), out.pop("median")
     return out
 
 
@@ -110,7 +102,7 @@ def make_evaluator(config, source):
     return PoseEvaluator(config, source)
   if config.task == "seg":
     return SegEvaluator(config)
-  return DepthEvaluator() if config.task == "depth" else NormalEvaluator()
+  return DenseEvaluator(config.task)
 
 
 def evaluate(config, params, predict_fn, source, to_global):

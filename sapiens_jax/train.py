@@ -277,7 +277,7 @@ def train_and_evaluate(config, workdir, eval_only=False):
     viz_batch = next(pipeline.eval_batches(config, eval_source, config.eval_batch_size))
     rows = config.eval_batch_size // jax.process_count()
     viz_images = viz_batch["image"][jax.process_index() * rows:(jax.process_index() + 1) * rows]
-    target_key = {"seg": "label", "depth": "depth", "normal": "normal"}.get(config.task)
+    target_key = None if config.task == "pose" else task_model.target_keys(config.task)[0]  # pose eval: boxes only
 
     def run_eval(step, params):
       results = evaluate.evaluate(
