@@ -5,6 +5,7 @@ reference's flip test. Seg: mIoU / mAcc / aAcc from one confusion matrix over th
 RMSE, AbsRel, delta1 on the foreground after least-squares scale-and-shift alignment (and raw).
 Normals: mean / median angular error and % within 11.25, 22.5, 30 degrees.
 """
+import functools
 import json
 
 import jax
@@ -38,23 +39,41 @@ def predict(params, images, *, model, config):
   return resized[..., 0] if config.task == "depth" else resized
 
 
+def keypoints_from_heatmaps(heatmaps, centers, scales, input_size):
+  """(N, h, w, K) heatmaps of N crops -> (keypoints (N, K, 2) in image pixels, scores (N, K))."""
+  keypoints, scores = heatmap_codec.decode(heatmaps, input_size=input_size)
+  in_image = [heatmap_codec.to_image_coords(k, c, s, input_size) for k, c, s in zip(keypoints, centers, scales)]
+  return np.asarray(in_image, np.float32).reshape(keypoints.shape), scores
+
+
+def pose_result(keypoints, scores, **ids):
+  """One person as a COCO keypoint result; its score is the mean of its confident keypoints."""
+  confident = scores[scores > KEYPOINT_SCORE_THRESHOLD]
+  return {**ids, "category_id": 1,
+          "keypoints": np.concatenate([keypoints, scores[:, None]], axis=1).ravel().tolist(),
+          "score": float(confident.mean()) if confident.size else 0.0}
+
+
+@functools.lru_cache(maxsize=2)
+def _ground_truth(annotation_json):
+  """The eval split's COCO JSON, read once per run rather than at every evaluation (never mutated)."""
+  with open(annotation_json) as f:
+    return json.load(f)
+
+
 class PoseEvaluator:
   def __init__(self, config, source):
     self.sigmas = meta.skeleton(config.data.labels).sigmas
     self.input_size = tuple(config.image_size)[::-1]  # (W, H)
-    with open(source.annotation_json) as f:
-      self.ground_truth = json.load(f)
+    self.ground_truth = _ground_truth(source.annotation_json)
     self.results = []
 
   def add(self, heatmaps, batch):
-    keypoints, scores = heatmap_codec.decode(heatmaps, input_size=self.input_size)
-    for i in np.flatnonzero(batch["valid"]):
-      xy = heatmap_codec.to_image_coords(keypoints[i], batch["center"][i], batch["scale"][i], self.input_size)
-      confident = scores[i][scores[i] > KEYPOINT_SCORE_THRESHOLD]
-      self.results.append({
-          "image_id": int(batch["image_id"][i]), "category_id": 1,
-          "keypoints": np.concatenate([xy, scores[i][:, None]], axis=1).ravel().tolist(),
-          "score": float(confident.mean()) if confident.size else 0.0})
+    valid = np.flatnonzero(batch["valid"])
+    keypoints, scores = keypoints_from_heatmaps(heatmaps[valid], batch["center"][valid], batch["scale"][valid],
+                                                self.input_size)
+    for i, xy, s in zip(valid, keypoints, scores):
+      self.results.append(pose_result(xy, s, image_id=int(batch["image_id"][i])))
 
   def result(self):
     seen = {r["image_id"] for r in self.results}  # data.num_eval may cover part of the split

@@ -156,7 +156,8 @@ def _drop_unused(state_dict, expected, target_params, what):
   def drop(keys, log, message):
     if keys:
       log("init_from: %s %d keys of %s (%s, ...)", message, len(keys), what, keys[0])
-    return {k: v for k, v in state_dict.items() if k not in set(keys)}
+    keys = set(keys)
+    return {k: v for k, v in state_dict.items() if k not in keys}
 
   heads = sorted(k for k in state_dict if k.startswith(torch_names.HEAD_PREFIXES))
   state_dict = drop([k for k in state_dict if k.endswith("cls_token") and k not in expected], logging.info,

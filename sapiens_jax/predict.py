@@ -38,7 +38,6 @@ from sapiens_jax import train
 from sapiens_jax import visualize
 from sapiens_jax import vit
 from sapiens_jax import writers
-from sapiens_jax.data import heatmaps as heatmap_codec
 from sapiens_jax.data import meta
 from sapiens_jax.data import pose_transforms
 from sapiens_jax.data import transforms
@@ -110,13 +109,6 @@ def network_inputs(config, task, image, boxes):
   return [c["image"] for c in crops], crops
 
 
-def keypoints_from_heatmaps(heatmaps, centers, scales, input_size):
-  """(N, h, w, K) heatmaps of N crops -> (keypoints (N, K, 2) in image pixels, scores (N, K))."""
-  keypoints, scores = heatmap_codec.decode(heatmaps, input_size=input_size)
-  in_image = [heatmap_codec.to_image_coords(k, c, s, input_size) for k, c, s in zip(keypoints, centers, scales)]
-  return np.asarray(in_image, np.float32).reshape(keypoints.shape), scores
-
-
 def resize_labels(logits, height, width):
   """Argmax of the logits resized (bilinear, half-pixel centres) to (height, width), a channel at a
   time, so a large photo never holds all C resized channels at once."""
@@ -144,7 +136,7 @@ def finish(config, task, image, outputs, crops):
       count = meta.skeleton(config.data.labels).num_keypoints
       return {"keypoints": np.zeros((0, count, 2), np.float32), "keypoint_scores": np.zeros((0, count), np.float32)}
     size = tuple(config.image_size)[::-1]
-    keypoints, scores = keypoints_from_heatmaps(
+    keypoints, scores = evaluate.keypoints_from_heatmaps(
         outputs, [c["center"] for c in crops], [c["scale"] for c in crops], size)
     return {"keypoints": keypoints, "keypoint_scores": scores}
   if task == "features":
@@ -213,13 +205,8 @@ def read_image(path):
 def pose_results(file_name, boxes, prediction):
   """COCO result records of one image; the score is the mean of its confident keypoints, as in
   evaluation."""
-  records = []
-  for box, xy, scores in zip(boxes, prediction["keypoints"], prediction["keypoint_scores"]):
-    confident = scores[scores > evaluate.KEYPOINT_SCORE_THRESHOLD]
-    records.append({"file_name": file_name, "category_id": 1, "bbox": [float(v) for v in box],
-                    "keypoints": np.concatenate([xy, scores[:, None]], axis=1).ravel().tolist(),
-                    "score": float(confident.mean()) if confident.size else 0.0})
-  return records
+  return [evaluate.pose_result(xy, scores, file_name=file_name, bbox=[float(v) for v in box])
+          for box, xy, scores in zip(boxes, prediction["keypoints"], prediction["keypoint_scores"])]
 
 
 def write_outputs(config, task, output, path, image, boxes, prediction):

@@ -14,6 +14,7 @@ import pytest
 from sapiens_jax import checkpoint
 from sapiens_jax import default_config
 from sapiens_jax import export
+from sapiens_jax import evaluate
 from sapiens_jax import predict
 from sapiens_jax import vit
 from sapiens_jax.data import heatmaps as heatmap_codec
@@ -103,7 +104,7 @@ def test_keypoints_go_back_to_the_image_pixels_of_the_heatmap_peak():
   in_crop = pose_transforms.transform_points(points, matrix)
   heatmaps, _ = heatmap_codec.encode(in_crop, np.ones(3), input_size, heatmap_size, sigma=2.0)
 
-  keypoints, scores = predict.keypoints_from_heatmaps(heatmaps[None], [center], [scale], input_size)
+  keypoints, scores = evaluate.keypoints_from_heatmaps(heatmaps[None], [center], [scale], input_size)
 
   assert keypoints.shape == (1, 3, 2) and scores.shape == (1, 3)
   np.testing.assert_allclose(scores, 1.0, atol=0.05)
