@@ -31,6 +31,7 @@ def get_config(task="pose"):
   config.data.labels = LABELS[task]
   config.data.num_generated = 512
   config.data.num_eval = 64
+  config.data.framing = "portrait"  # one person filling the frame, like the reference's task crops
   if task == "pose":
     config.heatmap_sigma = 2.0  # sigma 6 is for 256x192 heatmaps; these are 32x24
   return config

@@ -136,6 +136,7 @@ def finetune(dataset, size):
   c.data.eval_annotations = ""
   c.data.num_eval = 0            # 0 = the whole eval split
   c.data.backgrounds = ""        # folder of non-human images pasted behind people (seg/depth/normal)
+  c.data.framing = "scene"       # synthetic source: scene (1-3 people) | portrait (one, frame-filling)
   c.eval_batch_size = c.batch_size
   c.best_metric = {"pose": "AP", "seg": "mIoU", "depth": "rmse", "normal": "mean_angle"}[task]
   return c

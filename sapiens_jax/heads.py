@@ -10,6 +10,7 @@ so the state-dict mapping in torch_names is a rename plus a transpose. Deconv ke
 from typing import Any
 
 import flax.linen as nn
+from jax import lax
 import jax.numpy as jnp
 
 from sapiens_jax import vit
@@ -34,6 +35,43 @@ def tokens_to_map(tokens, grid):
   return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2])
 
 
+# ConvTranspose2d(4, stride 2, padding 1) as four sub-pixel 2x2 convolutions: output row 2m + r
+# sums input rows (m - 1, m) with kernel rows (3, 1) when r = 0 and rows (m, m + 1) with (2, 0)
+# when r = 1 (same for columns). XLA's CPU backend runs a transposed conv as a conv over a
+# zero-dilated input: 4x the arithmetic and 4-8x the time of this form (BENCHMARKS.md).
+_PHASE_TAPS = ((3, 1), (2, 0))
+
+
+def deconv4x4_stride2(x, kernel):
+  """x (B, H, W, Cin), kernel (4, 4, Cout, Cin) [PyTorch weight (Cin, Cout, 4, 4) transposed] ->
+  (B, 2H, 2W, Cout), exactly PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1)."""
+  b, h, w, _ = x.shape
+  k = jnp.transpose(kernel, (0, 1, 3, 2))  # (ky, kx, Cin, Cout)
+  phases = [k[jnp.array(_PHASE_TAPS[ry])][:, jnp.array(_PHASE_TAPS[rx])]
+            for ry in (0, 1) for rx in (0, 1)]
+  stacked = jnp.concatenate(phases, axis=-1)  # (2, 2, Cin, 4 * Cout), phases (ry, rx) major
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = lax.conv_general_dilated(padded, stacked.astype(x.dtype), (1, 1), "VALID",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = y.reshape(b, h + 1, w + 1, 2, 2, -1)  # (B, H + 1, W + 1, ry, rx, Cout)
+  out = jnp.stack([jnp.stack([y[:, ry:ry + h, rx:rx + w, ry, rx] for rx in (0, 1)], axis=3)
+                   for ry in (0, 1)], axis=2)  # (B, H, ry, W, rx, Cout)
+  return out.reshape(b, 2 * h, 2 * w, -1)
+
+
+class Deconv(nn.Module):
+  """The heads' 4x4 stride-2 transposed conv without bias; the kernel keeps Flax's
+  `transpose_kernel=True` layout (4, 4, out, in), so checkpoints and torch_names are unchanged."""
+  features: int
+  kernel_init: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (4, 4, self.features, x.shape[-1]))
+    return deconv4x4_stride2(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class DenseHead(nn.Module):
   """Deconv stages (x2 each), 1x1 conv stages, Dropout2d, final 1x1 conv; params float32, math in `dtype`."""
   deconv_channels: tuple
@@ -54,11 +92,8 @@ class DenseHead(nn.Module):
     hidden_init = vit.matrix_init(nn.initializers.normal(self.kernel_std), 3)
     bias_init = vit.partitioned(nn.initializers.zeros, (None,))
     for i, channels in enumerate(self.deconv_channels):
-      # Padding k-1-p = 2 on the dilated input makes the output exactly 2x (gotcha §10.4).
-      x = nn.ConvTranspose(
-          channels, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), transpose_kernel=True, use_bias=False,
-          dtype=self.dtype, kernel_init=vit.partitioned(hidden_init, (None, None, None, "embed")),
-          name=f"deconv_layers_{STAGE_STRIDE * i}")(x)
+      x = Deconv(channels, vit.partitioned(hidden_init, (None, None, None, "embed")), self.dtype,
+                 name=f"deconv_layers_{STAGE_STRIDE * i}")(x)
       x = nn.silu(instance_norm(x))
     for i, channels in enumerate(self.conv_channels):
       x = nn.Conv(channels, (1, 1), dtype=self.dtype, name=f"conv_layers_{STAGE_STRIDE * i}",

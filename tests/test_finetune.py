@@ -195,7 +195,7 @@ def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(synthetic_root):
   """Heatmaps made from the ground truth, in each eval crop's coordinates, go through the whole eval
   path (crop centre/scale, DARK-UDP decode, back to image pixels, pycocotools OKS) to AP ~ 1."""
   from sapiens_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from sapiens_jax.data import heatmaps, pipeline  # pylint: disable=g-import-not-at-top,multiple-imports
+  from sapiens_jax.data import heatmaps, pipeline, pose_transforms  # pylint: disable=g-import-not-at-top,multiple-imports
   config = tiny_finetune_config("pose")
   config.data.path = synthetic_root
   config.data.num_eval = 0  # every person of the eval split
@@ -207,8 +207,53 @@ def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(synthetic_root):
     maps = []
     for i in range(len(batch["image"])):
       person = source[min(row + i, len(source) - 1)]
-      in_crop = (person["keypoints"] - batch["center"][i] + 0.5 * batch["scale"][i]) / batch["scale"][i] * [w, h]
+      matrix = pose_transforms.udp_affine_matrix(batch["center"][i], batch["scale"][i], 0.0, (w, h))
+      in_crop = pose_transforms.transform_points(person["keypoints"], matrix)
       maps.append(heatmaps.encode(in_crop, person["visible"], (w, h), (w // 4, h // 4), config.heatmap_sigma)[0])
     row += len(batch["image"])
     evaluator.add(np.stack(maps), batch)
   assert evaluator.result()["AP"] > 0.95
+
+
+def test_trivial_baselines_score_what_their_constants_should(synthetic_root):
+  """The constants RESULTS.md compares against, recomputed here from the eval targets themselves."""
+  from sapiens_jax import baselines  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  def targets(task):
+    config = tiny_finetune_config(task)
+    config.data.path = synthetic_root
+    source = pipeline.make_task_source(config, "eval")
+    batches = list(pipeline.eval_batches(config, source, config.eval_batch_size))
+    return config, np.concatenate([b[task if task != "seg" else "label"][b["valid"]] for b in batches])
+
+  config, labels = targets("seg")
+  seg = baselines.evaluate_baseline(config)
+  present = np.unique(labels[labels != 255])
+  background_share = np.mean(labels[labels != 255] == 0)  # background is the majority here
+  assert seg["aAcc"] == pytest.approx(100 * background_share, abs=1e-6)
+  assert seg["mIoU"] == pytest.approx(100 * background_share / len(present), abs=1e-6)
+
+  config, depth = targets("depth")
+  per_image_std = [np.std(d[d >= 0]) for d in depth]  # the best aligned constant is the mean
+  assert baselines.evaluate_baseline(config)["rmse"] == pytest.approx(np.mean(per_image_std), rel=1e-4)
+
+  config, normals = targets("normal")
+  foreground = normals[normals[..., 0] > -100]
+  mean = foreground.mean(0) / np.linalg.norm(foreground.mean(0))
+  angles = np.degrees(np.arccos(np.clip(foreground @ mean, -1, 1)))
+  assert baselines.evaluate_baseline(config)["mean_angle"] == pytest.approx(angles.mean(), abs=1e-3)
+
+  config = tiny_finetune_config("pose")
+  config.data.path = synthetic_root
+  assert 0 <= baselines.evaluate_baseline(config)["AP"] < 0.95
+
+
+def test_a_synthetic_dataset_made_with_other_settings_is_not_reused(synthetic_root):
+  from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_finetune_config("seg")
+  config.data.path = synthetic_root
+  pipeline.ensure_synthetic_data(config, "")  # same settings: reused as it is
+  config.data.framing = "scene"
+  with pytest.raises(ValueError, match=r"train holds synthetic humans made with other settings.*framing"):
+    pipeline.ensure_synthetic_data(config, "")

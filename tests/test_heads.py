@@ -180,3 +180,25 @@ def test_tokens_to_map():
   np.testing.assert_array_equal(grid[1, 2, 1], tokens[1, 2 * 3 + 1])
   with pytest.raises(ValueError, match="4x3 grid"):
     heads.tokens_to_map(tokens[:, :11], (4, 3))
+
+
+def test_sub_pixel_deconv_is_pytorch_conv_transpose_and_xla_conv_transpose():
+  """The heads' deconv (four 2x2 phase convolutions) against torch and XLA's own transposed conv,
+  values and input gradients, on a non-square map with Cin != Cout."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 3, 6), dtype=np.float32)
+  kernel = rng.standard_normal((4, 4, 7, 6), dtype=np.float32)  # (4, 4, out, in)
+  ours = np.asarray(heads.deconv4x4_stride2(jnp.asarray(x), jnp.asarray(kernel)))
+  weight = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))  # (in, out, 4, 4)
+  with torch.no_grad():
+    theirs = torch.nn.functional.conv_transpose2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2), weight, stride=2, padding=1).permute(0, 2, 3, 1).numpy()
+  assert ours.shape == theirs.shape == (2, 10, 6, 7)
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  xla = lambda x: jax.lax.conv_transpose(x, jnp.asarray(kernel), (2, 2), ((2, 2), (2, 2)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
+  np.testing.assert_allclose(np.asarray(xla(jnp.asarray(x))), theirs, atol=1e-5, rtol=0)
+  cotangent = jnp.asarray(rng.standard_normal(theirs.shape, dtype=np.float32))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cotangent))(jnp.asarray(x))
+  np.testing.assert_allclose(grad(lambda x: heads.deconv4x4_stride2(x, jnp.asarray(kernel))), grad(xla),
+                             atol=1e-4, rtol=0)

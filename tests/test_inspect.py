@@ -51,9 +51,9 @@ def test_render_writes_a_grid_of_labelled_samples(task, workdir, tmp_path):
   assert grid.std() > 10
   assert (grid[HEIGHT + gap:, _panel_width(2) + gap:] == 255).all()  # the filler panels
   # Sample 1 is the pipeline's training example for (seed, 1).
-  example = pipeline.load_task_train_example(
-      task, pipeline.make_task_source(_config(task), "train", workdir), (HEIGHT, WIDTH),
-      LABELS[task], 6.0, None, 1, np.random.default_rng([0, 1]))
+  config = _config(task)
+  example = pipeline.task_train_example(config, pipeline.make_task_source(config, "train", workdir))(
+      1, np.random.default_rng([0, 1]))
   left = _panel_width(2) + gap
   np.testing.assert_array_equal(grid[:HEIGHT, left:left + WIDTH],
                                 example["image"])

@@ -226,7 +226,8 @@ def test_write_dataset_layout_and_coco(tmp_path):
   with open(os.path.join(root, "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest == {"generator": "sapiens_jax.data.synthetic_humans", "seed": 3, "num": num,
-                      "height": height, "width": width, "seg_classes_used": list(sh.SEG_CLASSES_USED)}
+                      "height": height, "width": width, "framing": "scene",
+                      "seg_classes_used": list(sh.SEG_CLASSES_USED)}
   for i in range(num):
     sample = sh.render_sample(3, i, height, width)
     name = f"{i:06d}"
@@ -255,3 +256,21 @@ def test_write_dataset_layout_and_coco(tmp_path):
     with open(os.path.join(root, folder, name), "rb") as a, open(
         os.path.join(tmp_path, "b", folder, name), "rb") as b:
       assert a.read() == b.read()
+
+
+def test_portrait_framing_centres_one_person_who_fills_the_frame():
+  height, width = 96, 72
+  relative = {"scene": [], "portrait": []}
+  for framing in relative:
+    for i in range(10):
+      sample = sh.render_sample(5, i, height, width, framing)
+      for x, y, w, h in sample["boxes"]:
+        relative[framing].append(max(w / width, h / height))
+      if framing == "portrait":
+        (box,) = sample["boxes"]  # exactly one annotated person
+        centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
+        assert np.all(np.abs(centre / [width, height] - 0.5) < 0.2), box
+  assert min(relative["portrait"]) > 0.5
+  assert np.mean(relative["portrait"]) > 1.5 * np.mean(relative["scene"])
+  with pytest.raises(sh.SyntheticDataError, match="framing"):
+    sh.render_sample(0, 0, 64, 48, "closeup")

@@ -56,11 +56,7 @@ def _task_loader(config, split, workdir):
     else:
       example = functools.partial(pipeline.load_task_eval_example, config.task, source, image_size)
     return (lambda index, rng: example(index)), len(source)  # eval inputs are not random
-  backgrounds = (pipeline.BackgroundImages(config.data.backgrounds)
-                 if config.data.backgrounds else None)
-  return functools.partial(
-      pipeline.load_task_train_example, config.task, source, image_size, config.data.labels,
-      config.get("heatmap_sigma", 0.0), backgrounds), len(source)
+  return pipeline.task_train_example(config, source), len(source)
 
 
 def _mae_loader(config):

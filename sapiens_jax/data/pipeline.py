@@ -6,6 +6,7 @@ iterator's checkpointable state is a single position and a resumed run sees
 exactly the samples the uninterrupted run would have seen.
 """
 import functools
+import json
 import logging
 import os
 
@@ -158,9 +159,20 @@ def ensure_synthetic_data(config, workdir):
   for split, num, seed in (("train", config.data.num_generated, config.seed),
                            ("eval", num_eval, config.seed + 1_000_003)):
     root = data_root(config, split, workdir)
-    if not os.path.exists(os.path.join(root, "manifest.json")):
-      logging.info("writing %d synthetic %dx%d humans to %s", num, h, w, root)
-      synthetic_humans.write_dataset(root, num, h, w, seed=seed)
+    manifest_path = os.path.join(root, "manifest.json")
+    wanted = {"num": num, "height": h, "width": w, "seed": seed, "framing": config.data.framing}
+    if not os.path.exists(manifest_path):
+      logging.info("writing %d synthetic %dx%d humans (%s) to %s", num, h, w,
+                   config.data.framing, root)
+      synthetic_humans.write_dataset(root, num, h, w, seed=seed, framing=config.data.framing)
+      continue
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    have = {"framing": "scene", **manifest}  # manifests written before framing existed
+    differs = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    if differs:
+      raise ValueError(f"{root} holds synthetic humans made with other settings "
+                       f"(manifest vs config: {differs}); delete the folder or set data.path")
 
 
 def make_task_source(config, split, workdir=""):
@@ -232,6 +244,14 @@ def load_task_train_example(task, source, image_size, labels, sigma,
   return {"image": sample.pop("image"), **sample}
 
 
+def task_train_example(config, source):
+  """`(index, rng) -> training sample` of `source` with the config's recipe settings."""
+  backgrounds = BackgroundImages(config.data.backgrounds) if config.data.backgrounds else None
+  return functools.partial(load_task_train_example, config.task, source,
+                           tuple(int(s) for s in config.image_size), config.data.labels,
+                           config.get("heatmap_sigma", 0.0), backgrounds)
+
+
 def _load_task_record(example, num_records, skip_bad, record_index, rng):
   return load_with_skips(lambda i: example(i, rng), num_records, skip_bad, record_index)
 
@@ -246,13 +266,8 @@ def make_task_iterator(config, *, batch_size, seed, workdir="", process_index=0,
   """
   _check_on_error(config.data)
   source = make_task_source(config, "train", workdir)
-  backgrounds = BackgroundImages(config.data.backgrounds) if config.data.backgrounds else None
-  image_size = tuple(int(s) for s in config.image_size)
-  sigma = config.get("heatmap_sigma", 0.0)
-  example = functools.partial(load_task_train_example, config.task, source, image_size,
-                              config.data.labels, sigma, backgrounds)
-
-  load = functools.partial(_load_task_record, example, len(source), config.data.on_error == "skip")
+  load = functools.partial(_load_task_record, task_train_example(config, source), len(source),
+                           config.data.on_error == "skip")
   return _stream(len(source), load, batch_size=batch_size, seed=seed,
                  process_index=process_index, process_count=process_count,
                  num_workers=config.data.num_workers)

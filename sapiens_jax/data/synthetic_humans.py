@@ -1,7 +1,7 @@
 r"""Procedural synthetic humans with exact pose, body-part, depth and normal labels.
 
   python -m sapiens_jax.data.synthetic_humans --output=DIR --num=1000 --height=256 --width=192 \
-      [--seed=0] [--workers=1]
+      [--seed=0] [--workers=1] [--framing=scene|portrait]
 
 Each person is ~17 convex primitives (capsules for limbs, neck and shoulders; ellipsoids for head,
 chest, pelvis, hands and feet) posed by forward kinematics from joint angles within limits, and
@@ -559,8 +559,41 @@ def _check_size(height, width):
     raise SyntheticDataError(f"height and width must be integers >= 16, got {height}x{width}")
 
 
-def render_sample(seed, index, height, width):
+def _extent(person):
+  """(min, max) corners of the box around the person's primitives (camera coordinates)."""
+  points = []
+  for primitive in person.primitives:
+    if isinstance(primitive, Capsule):
+      for end in (primitive.start, primitive.end):
+        points += [end - primitive.radius, end + primitive.radius]
+    else:
+      radius = float(np.max(primitive.radii))
+      points += [primitive.centre - radius, primitive.centre + radius]
+  return np.min(points, axis=0), np.max(points, axis=0)
+
+
+def _portrait_position(rng, camera, height, width, person):
+  """Pelvis position that centres `person` (built with its pelvis at the origin) and makes it
+  fill 80-100% of the frame along its tighter side, the way person-centred crops frame people."""
+  low, high = _extent(person)
+  size = high - low
+  fill = rng.uniform(0.8, 1.0)
+  z = max(size[0] * camera.fx / width, size[1] * camera.fy / height) / fill + size[2] / 2
+  offset = rng.uniform(-0.05, 0.05, 2) * np.array([width, height])  # pixels off-centre
+  centre = (low + high) / 2
+  target = np.array([width - 1, height - 1]) / 2 + offset - np.array([camera.cx, camera.cy])
+  xy = target * z / np.array([camera.fx, camera.fy]) - centre[:2]
+  return np.array([xy[0], xy[1], z - centre[2]])
+
+
+FRAMINGS = ("scene", "portrait")
+
+
+def render_sample(seed, index, height, width, framing="scene"):
   """Sample `index` of the dataset with `seed`: image, labels and COCO annotations.
+
+  framing "scene" stands 1-3 people on a ground plane 2.5-6 m away; "portrait" centres one person
+  who fills most of the frame, like the person crops the reference's task datasets hold.
 
   Returns a dict: image uint8 (H, W, 3) RGB, mask bool, seg uint8, depth float32 (0 background),
   normal float32 (H, W, 3), instances uint8 (0 background, k = k-th person), keypoints list of
@@ -570,10 +603,21 @@ def render_sample(seed, index, height, width):
   _check_size(height, width)
   if int(seed) != seed or int(index) != index or seed < 0 or index < 0:
     raise SyntheticDataError(f"seed and index must be integers >= 0, got {seed!r}, {index!r}")
+  if framing not in FRAMINGS:
+    raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
   rng = np.random.default_rng([int(seed), int(index)])
   focal = height * rng.uniform(0.9, 1.3)
   centre = np.array([width - 1, height - 1]) / 2 + rng.uniform(-2, 2, 2)
   camera = Camera(focal, focal, centre[0], centre[1])
+  if framing == "portrait":
+    shape, pose = sample_shape(rng), sample_pose(rng)
+    rotation = body_rotation(_sample_yaw(rng), rng.uniform(-0.12, 0.12), rng.uniform(-0.1, 0.1))
+    appearance = sample_appearance(rng)
+    at_origin = build_person(shape, pose, rotation, np.zeros(3), appearance)
+    position = _portrait_position(rng, camera, height, width, at_origin)
+    people = [build_person(shape, pose, rotation, position, appearance)]
+    background = sample_background(rng, height, width)
+    return compose_sample(people, camera, background, sample_light(rng), rng)
   num_people = int(rng.integers(1, 4))
   shapes = [sample_shape(rng) for _ in range(num_people)]
   tilt = rng.uniform(-0.12, 0.12)
@@ -602,8 +646,8 @@ _SUBDIRS = ("images", "masks", "segs", "depths", "normals")
 
 def _write_sample(args):
   """Renders sample `index` into `output`; returns its COCO annotations (without ids)."""
-  output, seed, index, height, width = args
-  sample = render_sample(seed, index, height, width)
+  output, seed, index, height, width, framing = args
+  sample = render_sample(seed, index, height, width, framing)
   name = f"{index:06d}"
   cv2.imwrite(os.path.join(output, "images", name + ".jpg"), sample["image"][..., ::-1],
               [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -619,7 +663,7 @@ def _write_sample(args):
   return annotations
 
 
-def write_dataset(output, num, height, width, seed=0, workers=1):
+def write_dataset(output, num, height, width, seed=0, workers=1, framing="scene"):
   """Writes samples 0..num-1 in the layout of the module docstring; returns the COCO dict.
 
   workers > 1 renders in spawned processes, so a calling script needs the usual
@@ -632,7 +676,9 @@ def write_dataset(output, num, height, width, seed=0, workers=1):
     raise SyntheticDataError(f"workers must be a positive integer, got {workers!r}")
   for subdir in _SUBDIRS:
     os.makedirs(os.path.join(output, subdir), exist_ok=True)
-  jobs = [(output, seed, i, height, width) for i in range(num)]
+  if framing not in FRAMINGS:
+    raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+  jobs = [(output, seed, i, height, width, framing) for i in range(num)]
   if workers == 1:
     per_image = [_write_sample(job) for job in jobs]
   else:
@@ -651,7 +697,8 @@ def write_dataset(output, num, height, width, seed=0, workers=1):
   with open(os.path.join(output, "person_keypoints.json"), "w") as f:
     json.dump(coco, f)
   manifest = {"generator": "sapiens_jax.data.synthetic_humans", "seed": seed, "num": num,
-              "height": height, "width": width, "seg_classes_used": list(SEG_CLASSES_USED)}
+              "height": height, "width": width, "framing": framing,
+              "seg_classes_used": list(SEG_CLASSES_USED)}
   with open(os.path.join(output, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return coco
@@ -665,12 +712,15 @@ def cli():
   width = flags.DEFINE_integer("width", 192, "Image width in pixels.")
   seed = flags.DEFINE_integer("seed", 0, "Dataset seed; image i depends only on (seed, i).")
   workers = flags.DEFINE_integer("workers", 1, "Processes rendering in parallel.")
+  framing = flags.DEFINE_enum("framing", "scene", FRAMINGS,
+                              "scene: 1-3 people in a room; portrait: one person filling the frame.")
   flags.mark_flags_as_required(["output"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    coco = write_dataset(output.value, num.value, height.value, width.value, seed.value, workers.value)
+    coco = write_dataset(output.value, num.value, height.value, width.value, seed.value, workers.value,
+                         framing.value)
     print(f"Wrote {num.value} images with {len(coco['annotations'])} people to {output.value}",
           flush=True)
 
