@@ -14,17 +14,15 @@ from sapiens_jax.data import pipeline
 from sapiens_jax.data import pose_transforms
 
 
-def _mean_pose_heatmaps(config, source):
-  """Heatmaps of the eval people's mean pose, each person mapped into its own crop."""
+def _mean_pose_heatmaps(config, source, batches):
+  """Heatmaps of the eval people's mean pose, each person mapped into its own eval crop."""
   h, w = config.image_size
-  num = min(len(source), config.data.num_eval) if config.data.num_eval else len(source)
+  crops = [(c, s) for b in batches for c, s in zip(b["center"][b["valid"]], b["scale"][b["valid"]])]
   points, visible = [], []
-  for i in range(num):
-    element = source[i]
-    center, scale = pose_transforms.box_to_center_scale(element["bbox"], aspect_ratio=w / h)
+  for i, (center, scale) in enumerate(crops):  # eval batches hold the split in source order
     matrix = pose_transforms.udp_affine_matrix(center, scale, 0.0, (w, h))
-    points.append(pose_transforms.transform_points(element["keypoints"], matrix))
-    visible.append(element["visible"] > 0)
+    points.append(pose_transforms.transform_points(source[i]["keypoints"], matrix))
+    visible.append(source[i]["visible"] > 0)
   points, visible = np.asarray(points), np.asarray(visible)[..., None]
   mean = (points * visible).sum(0) / np.maximum(visible.sum(0), 1)
   maps, _ = heatmaps.encode(mean, np.ones(len(mean)), (w, h), (w // 4, h // 4),
@@ -38,7 +36,7 @@ def evaluate_baseline(config, workdir=""):
   batches = list(pipeline.eval_batches(config, source, config.eval_batch_size))
   evaluator = evaluate.make_evaluator(config, source)
   if config.task == "pose":
-    maps = _mean_pose_heatmaps(config, source)
+    maps = _mean_pose_heatmaps(config, source, batches)
     constant = lambda batch: np.broadcast_to(maps, (len(batch["image"]), *maps.shape))
   elif config.task == "seg":
     labels = np.concatenate([b["label"][b["valid"]].ravel() for b in batches])
