@@ -589,6 +589,11 @@ def _portrait_position(rng, camera, height, width, person):
 FRAMINGS = ("scene", "portrait")
 
 
+def _check_framing(framing):
+  if framing not in FRAMINGS:
+    raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+
+
 def render_sample(seed, index, height, width, framing="scene"):
   """Sample `index` of the dataset with `seed`: image, labels and COCO annotations.
 
@@ -603,8 +608,7 @@ def render_sample(seed, index, height, width, framing="scene"):
   _check_size(height, width)
   if int(seed) != seed or int(index) != index or seed < 0 or index < 0:
     raise SyntheticDataError(f"seed and index must be integers >= 0, got {seed!r}, {index!r}")
-  if framing not in FRAMINGS:
-    raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+  _check_framing(framing)
   rng = np.random.default_rng([int(seed), int(index)])
   focal = height * rng.uniform(0.9, 1.3)
   centre = np.array([width - 1, height - 1]) / 2 + rng.uniform(-2, 2, 2)
@@ -676,8 +680,7 @@ def write_dataset(output, num, height, width, seed=0, workers=1, framing="scene"
     raise SyntheticDataError(f"workers must be a positive integer, got {workers!r}")
   for subdir in _SUBDIRS:
     os.makedirs(os.path.join(output, subdir), exist_ok=True)
-  if framing not in FRAMINGS:
-    raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+  _check_framing(framing)
   jobs = [(output, seed, i, height, width, framing) for i in range(num)]
   if workers == 1:
     per_image = [_write_sample(job) for job in jobs]
