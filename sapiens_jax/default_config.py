@@ -98,6 +98,7 @@ def pretrain(size):
   c.model.decoder_depth = 8
   c.model.decoder_heads = 16
   c.model.norm_pix_loss = True
+  c.data.resize = "pil"  # crop resize: "pil" (the reference's) | "cv2" (faster; transforms.resize)
   c.optim.warmup_steps = steps // 40  # reference: 40 of 1600 epochs
   return c
 

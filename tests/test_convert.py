@@ -223,7 +223,7 @@ def test_tfds_source_reads_array_record_datasets_without_tensorflow(tmp_path):
     widths.add(pixels.shape[1])
   assert widths == {6, 7, 8, 9, 10}
   batch = next(pipeline.make_pretrain_iterator(
-      ml_collections.ConfigDict(dict(config, on_error="raise", num_workers=0)),
+      ml_collections.ConfigDict(dict(config, on_error="raise", num_workers=0, resize="pil")),
       image_size=(8, 8), batch_size=5, seed=0))
   assert batch["image"].shape == (5, 8, 8, 3) and not batch["skipped"].any()
   assert "tensorflow" not in sys.modules

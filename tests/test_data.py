@@ -9,6 +9,7 @@ import grain
 import ml_collections
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 import pytest
 
 from sapiens_jax.data import pipeline
@@ -33,7 +34,7 @@ def random_pixels(height=20, width=30, seed=0):
 
 def data_config(**overrides):
   config = dict(source="generated", path="", num_generated=16,
-                on_error="raise", num_workers=0)
+                on_error="raise", num_workers=0, resize="pil")
   config.update(overrides)
   return ml_collections.ConfigDict(config)
 
@@ -123,6 +124,34 @@ def test_random_resized_crop_of_constant_image_stays_constant():
   np.testing.assert_array_equal(out, np.broadcast_to((12, 200, 77), out.shape))
 
 
+def smooth_pixels(height, width):
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  channels = [np.sin(6 * x + 3 * y), np.cos(5 * y - 2 * x), np.sin(4 * (x + y)) * np.cos(3 * x)]
+  return np.round(127.5 + 120 * np.stack(channels, -1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((300, 250), (512, 480)), ((600, 500), (300, 260)),
+                                          ((400, 300), (440, 270))])
+def test_cv2_resize_stays_close_to_the_reference_pil_bicubic(in_hw, out_hw):
+  image = smooth_pixels(*in_hw)
+  pil = transforms.resize(image, out_hw, "pil").astype(np.int32)
+  fast = transforms.resize(image, out_hw, "cv2").astype(np.int32)
+  assert pil.shape == fast.shape == (*out_hw, 3)
+  assert np.abs(pil - fast).mean() < 0.6 and np.abs(pil - fast).max() <= 3
+
+
+def test_cv2_resize_averages_areas_when_shrinking():
+  image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2
+  out = transforms.resize(image, (2, 3), "cv2")
+  blocks = image.reshape(2, 2, 3, 2, 3).astype(np.float64).mean(axis=(1, 3))
+  np.testing.assert_array_equal(out, np.round(blocks))
+
+
+def test_resize_rejects_unknown_backend():
+  with pytest.raises(ValueError, match="pil, cv2"):
+    transforms.resize(random_pixels(), (4, 4), "bilinear")
+
+
 def test_random_flip_flips_horizontally():
   image = random_pixels(4, 5)
   flipped = transforms.random_flip(image, np.random.default_rng(0), prob=1.0)
@@ -187,6 +216,17 @@ def test_decode_applies_exif_orientation():
   upright = transforms.decode_image(data, "phone.jpg")
   assert upright.shape == (30, 20, 3)
   assert upright[:5].mean() > 200 and upright[10:].mean() < 40
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_orients_like_pillow_exif_transpose(orientation):
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  data = encode(random_pixels(12, 20), "PNG", exif=exif.tobytes())
+  expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+  pixels = transforms.decode_image(data, "oriented.png")
+  assert pixels.shape == ((12, 20, 3) if orientation < 5 else (20, 12, 3))
+  np.testing.assert_array_equal(pixels, expected)
 
 
 @pytest.mark.parametrize("data,problem", [
@@ -446,6 +486,23 @@ def test_pipeline_rejects_unknown_error_policy():
     pipeline.make_pretrain_iterator(
         data_config(on_error="ignore"), image_size=IMAGE_SIZE,
         batch_size=BATCH, seed=0)
+
+
+def test_pipeline_rejects_unknown_resize_backend():
+  with pytest.raises(ValueError, match="data.resize 'bicubic'.*pil, cv2"):
+    pipeline.make_pretrain_iterator(
+        data_config(resize="bicubic"), image_size=IMAGE_SIZE, batch_size=BATCH, seed=0)
+
+
+def test_pipeline_cv2_resize_draws_the_same_crops_as_pil():
+  def first_batch(resize):
+    return next(pipeline.make_pretrain_iterator(
+        data_config(resize=resize), image_size=(48, 40), batch_size=BATCH, seed=3))["image"]
+  pil, fast = first_batch("pil").astype(np.int32), first_batch("cv2").astype(np.int32)
+  assert pil.shape == fast.shape == (BATCH, 48, 40, 3)
+  # Same boxes and flips, only the interpolation differs.
+  assert np.abs(pil - fast).mean() < 3
+  assert np.abs(pil - np.roll(fast, 1, axis=0)).mean() > 10
 
 
 def test_pipeline_with_worker_process_matches_in_process_and_resumes():

@@ -129,7 +129,7 @@ def test_raise_names_the_broken_file(case, pristine, tmp_path):
 
 def mae_config(path, on_error):
   return ml_collections.ConfigDict(dict(source="folder", path=path, on_error=on_error,
-                                        num_workers=0))
+                                        num_workers=0, resize="pil"))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -11,6 +11,7 @@ import logging
 import os
 
 from absl import flags
+import cv2
 import grain
 import numpy as np
 
@@ -65,12 +66,12 @@ def load_with_skips(load, num_records, skip_bad, record_index):
   ) from last_error
 
 
-def load_pretrain_example(source, image_size, skip_bad, record_index, rng):
+def load_pretrain_example(source, image_size, resize, skip_bad, record_index, rng):
   """Reads, decodes and augments record `record_index` of `source` (MAE recipe)."""
   def load(index):
     record = source[index]
     image = transforms.decode_image(record["data"], record["name"])
-    image = transforms.random_resized_crop(image, rng, image_size)
+    image = transforms.random_resized_crop(image, rng, image_size, backend=resize)
     return {"image": transforms.random_flip(image, rng)}  # uint8: the step normalises on the device
   return load_with_skips(load, len(source), skip_bad, record_index)
 
@@ -80,6 +81,12 @@ def _check_on_error(data_config):
     raise ValueError(
         f"unknown on_error policy {data_config.on_error!r}; expected one of"
         f" {', '.join(ON_ERROR_POLICIES)}")
+
+
+def _single_threaded_opencv(worker_index, worker_count):
+  """Each worker is one core of decoding; OpenCV's own pool would start a thread per core in each."""
+  del worker_index, worker_count
+  cv2.setNumThreads(1)
 
 
 def _stream(num_records, load, *, batch_size, seed, process_index,
@@ -113,7 +120,8 @@ def _stream(num_records, load, *, batch_size, seed, process_index,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers))
+        grain.MultiprocessingOptions(num_workers=num_workers),
+        worker_init_fn=_single_threaded_opencv)
   return iter(iter_dataset)
 
 
@@ -125,10 +133,13 @@ def make_pretrain_iterator(data_config, *, image_size, batch_size, seed,
           "skipped": int32 (batch_size,)}; `batch_size` is per process (see _stream).
   """
   _check_on_error(data_config)
+  if data_config.resize not in transforms.RESIZE_BACKENDS:
+    raise ValueError(f"unknown data.resize {data_config.resize!r}; expected one of"
+                     f" {', '.join(transforms.RESIZE_BACKENDS)}")
   image_size = tuple(int(s) for s in image_size)
   source = sources.make_source(data_config, image_size, seed)
   load = functools.partial(
-      load_pretrain_example, source, image_size,
+      load_pretrain_example, source, image_size, data_config.resize,
       data_config.on_error == "skip")
   return _stream(len(source), load, batch_size=batch_size, seed=seed,
                  process_index=process_index, process_count=process_count,
