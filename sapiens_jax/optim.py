@@ -96,10 +96,24 @@ def scale_by_layer_decay(rate, depth):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm):
+  """PyTorch's clip_grad_norm_, which the reference uses: g * min(1, max_norm / (norm + 1e-6)).
+
+  A multiply by one scalar, unlike optax's where(norm < max, g, g / norm * max): XLA fuses a
+  multiply into each consumer (Adam's two moments) but materialises a divide's output, a full
+  copy of the gradients per step (2x the optimizer's time on CPU, BENCHMARKS.md).
+  """
+  def update(grads, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config):
   o = config.optim
   adamw = optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
+      clip_by_global_norm(o.grad_clip_norm),
       optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask,
                   mu_dtype=jnp.dtype(o.mu_dtype)))
   frozen = tuple(o.frozen)

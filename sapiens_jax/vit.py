@@ -5,6 +5,7 @@ Parameter names mirror the original PyTorch state dict (`patch_embed`, `cls_toke
 rename plus a transpose. Every parameter and activation carries logical axis names; how they map
 onto a device mesh is decided by the sharding rules, not here.
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -98,6 +99,13 @@ def attention_implementation(head_dim, dtype, backend=None):
   return "cudnn" if backend == "gpu" and fits else "xla"
 
 
+def _matmul(x, kernel):
+  """(B, T, *in) @ (*in, *out) -> (B, T, *out), as one 2-D matmul with the in and out axes flattened."""
+  num_in = x.ndim - 2
+  flat_kernel = kernel.reshape(math.prod(kernel.shape[:num_in]), -1)
+  return (x.reshape(*x.shape[:2], -1) @ flat_kernel).reshape(*x.shape[:2], *kernel.shape[num_in:])
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused q|k|v projection (heads contiguous inside q, k, v)."""
   num_heads: int
@@ -113,15 +121,18 @@ class Attention(nn.Module):
         "qkv_kernel", partitioned(matrix_init(nn.initializers.xavier_uniform(), 1),
                                   ("embed", None, "heads", "kv")), (width, *shape))
     qkv_bias = self.param("qkv_bias", partitioned(nn.initializers.zeros, (None, "heads", "kv")), shape)
-    qkv = jnp.einsum("btc,cshd->btshd", x, qkv_kernel.astype(self.dtype)) + qkv_bias.astype(self.dtype)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
+    # Three plain (C, C) matmuls, not one einsum into (3, heads, head_dim): XLA:CPU copies a transposed
+    # kernel for each backward matmul that contracts several axes (18% of a 0.3b step, BENCHMARKS.md).
+    # Slicing the unsharded q|k|v axis keeps heads the major, shardable axis of each (C, C) matrix.
+    q, k, v = (_matmul(x, kernel[:, i]) + bias[i] for i in range(3))
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(head_dim, self.dtype))
     proj_kernel = self.param(
         "proj_kernel", partitioned(matrix_init(nn.initializers.xavier_uniform(), 2),
                                    ("heads", "kv", "embed")), (self.num_heads, head_dim, width))
     proj_bias = self.param("proj_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
-    return jnp.einsum("bthd,hdc->btc", out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
+    return _matmul(out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):

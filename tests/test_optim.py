@@ -132,3 +132,34 @@ def test_finetune_schedules_warm_up_from_a_thousandth_then_decay(dataset):
     assert float(lr(5)) == pytest.approx(peak * (1e-3 + 0.999 * 0.5) * (1 - 5 / 210))
     assert float(lr(105)) == pytest.approx(peak * 0.5)
     assert float(lr(210)) == pytest.approx(0.0)
+
+
+def test_clipped_adamw_steps_match_torch_adamw_after_clip_grad_norm(tiny_config):
+  """The reference's optimizer step: torch clip_grad_norm_(1.0), then AdamW with decay on weights only."""
+  torch = pytest.importorskip("torch")
+  config = tiny_config
+  config.optim.update(warmup_steps=2, b2=0.999, weight_decay=0.1, frozen=())
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(6, 5)).astype(np.float32),
+                      "bias": rng.normal(size=(5,)).astype(np.float32)}}
+  # Global norms ~40 (clipped), ~0.4 and ~4 (clipped): both branches of the clip.
+  grads = [jax.tree.map(lambda p, s=s: (s * rng.normal(size=p.shape)).astype(np.float32), params)
+           for s in (10.0, 0.1, 1.0)]
+  tx = optim.make_optimizer(config)
+  state, ours = tx.init(params), params
+  weight = torch.nn.Parameter(torch.tensor(params["dense"]["kernel"]))
+  bias = torch.nn.Parameter(torch.tensor(params["dense"]["bias"]))
+  theirs = torch.optim.AdamW([{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}],
+                             lr=1.0, betas=(config.optim.b1, config.optim.b2), eps=1e-8,
+                             weight_decay=config.optim.weight_decay)
+  lr = optim.schedule(config)
+  for step, g in enumerate(grads):
+    updates, state = tx.update(g, state, ours)
+    ours = optax.apply_updates(ours, updates)
+    weight.grad, bias.grad = torch.tensor(g["dense"]["kernel"]), torch.tensor(g["dense"]["bias"])
+    torch.nn.utils.clip_grad_norm_([weight, bias], config.optim.grad_clip_norm)
+    for group in theirs.param_groups:
+      group["lr"] = float(lr(step))
+    theirs.step()
+    np.testing.assert_allclose(ours["dense"]["kernel"], weight.detach().numpy(), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(ours["dense"]["bias"], bias.detach().numpy(), rtol=2e-6, atol=1e-7)
