@@ -10,7 +10,6 @@ so the state-dict mapping in torch_names is a rename plus a transpose. Deconv ke
 from typing import Any
 
 import flax.linen as nn
-from jax import lax
 import jax.numpy as jnp
 
 from sapiens_jax import vit
@@ -35,7 +34,8 @@ def tokens_to_map(tokens, grid):
   return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2])
 
 
-# ConvTranspose2d(4, stride 2, padding 1) as four sub-pixel 2x2 convolutions: output row 2m + r
+# ConvTranspose2d(4, stride 2, padding 1) as four sub-pixel 2x2 convolutions (computed as one
+# im2col matmul, which XLA:CPU runs faster than its conv): output row 2m + r
 # sums input rows (m - 1, m) with kernel rows (3, 1) when r = 0 and rows (m, m + 1) with (2, 0)
 # when r = 1 (same for columns). XLA's CPU backend runs a transposed conv as a conv over a
 # zero-dilated input: 4x the arithmetic and 4-8x the time of this form (BENCHMARKS.md).
@@ -51,8 +51,9 @@ def deconv4x4_stride2(x, kernel):
             for ry in (0, 1) for rx in (0, 1)]
   stacked = jnp.concatenate(phases, axis=-1)  # (2, 2, Cin, 4 * Cout), phases (ry, rx) major
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = lax.conv_general_dilated(padded, stacked.astype(x.dtype), (1, 1), "VALID",
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # The 2x2 convolution as one matmul over the four shifted windows (im2col).
+  windows = jnp.concatenate([padded[:, dy:dy + h + 1, dx:dx + w + 1] for dy in (0, 1) for dx in (0, 1)], -1)
+  y = windows @ stacked.reshape(-1, stacked.shape[-1]).astype(x.dtype)
   y = y.reshape(b, h + 1, w + 1, 2, 2, -1)  # (B, H + 1, W + 1, ry, rx, Cout)
   out = jnp.stack([jnp.stack([y[:, ry:ry + h, rx:rx + w, ry, rx] for rx in (0, 1)], axis=3)
                    for ry in (0, 1)], axis=2)  # (B, H, ry, W, rx, Cout)
