@@ -62,7 +62,7 @@ def _task_loader(config, split, workdir):
 def _mae_loader(config):
   image_size = tuple(int(s) for s in config.image_size)
   source = sources.make_source(config.data, image_size, config.seed)
-  return functools.partial(pipeline.load_pretrain_example, source, image_size,
+  return functools.partial(pipeline.load_pretrain_example, source, image_size, config.data.resize,
                            config.data.on_error == "skip"), len(source)
 
 
