@@ -447,7 +447,8 @@ def test_pipeline_process_decodes_only_its_own_images(tmp_path, monkeypatch):
   # order (one read thread), so what it decoded -- its first batch plus whatever read-ahead got
   # to, possibly into later epochs, which reshuffle -- is a prefix of that stream and nothing else.
   own = [i for b in take(tagged_iterator(root), 24) for i in record_ids(b)[:2]]  # 4 epochs
-  got = [int(os.path.basename(n)[4:6]) for n in decoded]
+  # Read-ahead threads of other tests' iterators may still be decoding their own folders.
+  got = [int(os.path.basename(n)[4:6]) for n in decoded if n.startswith(str(root))]
   assert mine == own[:2]
   assert len(got) >= 2 and got == own[:len(got)], (got, own)
 
