@@ -138,6 +138,8 @@ def finetune(dataset, size):
   c.data.num_eval = 0            # 0 = the whole eval split
   c.data.backgrounds = ""        # folder of non-human images pasted behind people (seg/depth/normal)
   c.data.framing = "scene"       # synthetic source: scene (1-3 people) | portrait (one, frame-filling)
+                                 # | studio (portrait facing the camera, before a plain background)
+  c.data.scale_range = (0.2, 2.0)  # seg/depth/normal random resize; the reference's, for 1024x768
   c.eval_batch_size = c.batch_size
   c.best_metric = {"pose": "AP", "seg": "mIoU", "depth": "rmse", "normal": "mean_angle"}[task]
   return c

@@ -2,6 +2,7 @@
 import math
 import os
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from sapiens_jax.data import dense_source
 from sapiens_jax.data import dense_transforms as dt
 from sapiens_jax.data import photometric
+from sapiens_jax.data import pipeline
 
 GOLIATH_SWAPS = ((4, 13), (5, 14), (6, 15), (7, 16), (8, 17), (9, 18),
                  (10, 19), (11, 20))
@@ -382,6 +384,34 @@ def test_depth_and_normal_train_samples():
     assert valid.any() and (out["normal"][~valid] == -1000).all()
     np.testing.assert_allclose(np.linalg.norm(out["normal"][valid], axis=-1),
                                1, rtol=1e-5)
+
+
+def test_scale_range_sets_the_random_resize_ratio():
+  """A crop shrunk by the ratio is stretched back to the network size, so a ratio below 1 costs
+  detail: a 1-pixel checkerboard of foreground survives ratio 1 and turns into blocks at 1/4."""
+  height, width = 48, 64
+  image = np.zeros((height, width, 3), np.uint8)
+  mask = (np.add.outer(np.arange(height), np.arange(width)) % 2).astype(np.uint8)
+  normal = np.zeros((height, width, 3), np.float32)
+  normal[..., 2] = 1
+  changes = {}
+  for ratio in (1.0, 0.25):
+    out = dt.normal_train_sample(image, {"mask": mask, "normal": normal}, np.random.default_rng(0),
+                                 size=(height, width), ratio_range=(ratio, ratio))
+    valid = out["normal"][..., 0] > -100
+    changes[ratio] = int(np.sum(valid[:, 1:] != valid[:, :-1]))
+  assert changes[1.0] == height * (width - 1)
+  assert changes[0.25] <= height * (width - 1) / 4
+
+
+def test_a_bad_scale_range_names_the_field():
+  config = ml_collections.ConfigDict({"task": "seg", "image_size": (64, 48), "data": {
+      "backgrounds": "", "labels": "seg28", "scale_range": (2.0, 0.5)}})
+  with pytest.raises(ValueError, match=r"data\.scale_range"):
+    pipeline.task_train_example(config, source=None)
+  config.data.scale_range = ("x", 1)
+  with pytest.raises(ValueError, match=r"data\.scale_range"):
+    pipeline.task_train_example(config, source=None)
 
 
 def test_eval_samples_are_deterministic_resizes():

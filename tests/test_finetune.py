@@ -16,12 +16,17 @@ MAIN_METRIC = {"pose": "eval_AP", "seg": "eval_mIoU", "depth": "eval_rmse", "nor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_finetune_config(task):
-  """configs/synthetic.py:TASK, shrunk to seconds: a 2-block ViT on 64x48 images."""
+def synthetic_config(task):
+  """configs/synthetic.py:TASK."""
   spec = importlib.util.spec_from_file_location("synthetic", os.path.join(REPO, "configs", "synthetic.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config(task)
+  return module.get_config(task)
+
+
+def tiny_finetune_config(task):
+  """configs/synthetic.py:TASK, shrunk to seconds: a 2-block ViT on 64x48 images."""
+  c = synthetic_config(task)
   c.model.size = "tiny"
   c.image_size = (64, 48)
   c.batch_size = c.eval_batch_size = 4

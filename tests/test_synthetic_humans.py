@@ -258,19 +258,39 @@ def test_write_dataset_layout_and_coco(tmp_path):
       assert a.read() == b.read()
 
 
-def test_portrait_framing_centres_one_person_who_fills_the_frame():
+def test_portrait_and_studio_framings_centre_one_person_who_fills_the_frame():
   height, width = 96, 72
-  relative = {"scene": [], "portrait": []}
+  relative = {"scene": [], "portrait": [], "studio": []}
+  facing = {"portrait": [], "studio": []}
   for framing in relative:
-    for i in range(10):
+    for i in range(12):
       sample = sh.render_sample(5, i, height, width, framing)
       for x, y, w, h in sample["boxes"]:
         relative[framing].append(max(w / width, h / height))
-      if framing == "portrait":
+      if framing != "scene":
         (box,) = sample["boxes"]  # exactly one annotated person
         centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
         assert np.all(np.abs(centre / [width, height] - 0.5) < 0.2), box
-  assert min(relative["portrait"]) > 0.5
-  assert np.mean(relative["portrait"]) > 1.5 * np.mean(relative["scene"])
+        keypoints = sample["keypoints"][0]  # facing the camera: the left side is on the image's right
+        facing[framing].append(keypoints[5, 0] > keypoints[6, 0] and keypoints[11, 0] > keypoints[12, 0])
+  for framing in ("portrait", "studio"):
+    assert min(relative[framing]) > 0.5
+    assert np.mean(relative[framing]) > 1.5 * np.mean(relative["scene"])
+  # The studio person faces the camera; the portrait one is also seen from behind.
+  assert all(facing["studio"]) and not all(facing["portrait"])
   with pytest.raises(sh.SyntheticDataError, match="framing"):
     sh.render_sample(0, 0, 64, 48, "closeup")
+
+
+def test_studio_backgrounds_hold_no_shapes():
+  """Studio backgrounds are smooth (gradient and soft noise); portrait ones carry hard-edged
+  shapes that look like limbs. Measured as the strongest background step between neighbours."""
+  def strongest_step(framing):
+    steps = []
+    for i in range(6):
+      sample = sh.render_sample(2, i, 96, 72, framing)
+      image, background = sample["image"].astype(float), ~sample["mask"]
+      both = background[:, 1:] & background[:, :-1]
+      steps.append(np.abs(image[:, 1:] - image[:, :-1]).max(-1)[both].max())
+    return np.median(steps)
+  assert strongest_step("studio") < 30 < strongest_step("portrait")

@@ -240,9 +240,9 @@ def normal_target(normals, mask, background=-1000.0):
   return target
 
 
-def _random_fit(image, targets, rng, size, cat_max_ratio=1.0):
+def _random_fit(image, targets, rng, size, ratio_range, cat_max_ratio=1.0):
   """The resize -> crop -> stretch front shared by the three recipes."""
-  image, targets = random_resize(image, targets, rng, scale=size)
+  image, targets = random_resize(image, targets, rng, scale=size, ratio_range=ratio_range)
   image, targets = random_crop(image, targets, rng, size, cat_max_ratio)
   return resize_to(image, targets, size)
 
@@ -255,17 +255,18 @@ def _masked_targets(image, targets, name):
 
 
 def seg_train_sample(image, targets, rng, *, swap_pairs, size=(1024, 768),
-                     background_images=None):
+                     background_images=None, ratio_range=(0.2, 2.0)):
   """Body-part segmentation training sample (reference recipe, 5.3).
 
   `swap_pairs` is required: a flip without the left/right swap silently
-  teaches the model to confuse the sides.
+  teaches the model to confuse the sides. `ratio_range` is the random
+  resize's; the reference's (0.2, 2) is meant for 1024x768 crops.
   """
   check_targets(image, targets, ("label",))
   label = targets["label"]
   image = composite_background(image, label != 0, background_images, rng, 0.8)
   image, targets = _random_fit(image, {"label": label}, rng, size,
-                               cat_max_ratio=0.75)
+                               ratio_range, cat_max_ratio=0.75)
   image, targets = random_rotate(image, targets, rng, 0.5, max_degrees=45)
   image, targets = random_flip(image, targets, rng, 0.5, swap_pairs)
   image = photometric_distortion(image, rng)
@@ -273,12 +274,12 @@ def seg_train_sample(image, targets, rng, *, swap_pairs, size=(1024, 768),
 
 
 def _masked_train_sample(image, targets, rng, name, size, background_images,
-                         max_degrees):
+                         ratio_range, max_degrees):
   """The depth and normal recipes: they differ only in rotation and target."""
   targets = _masked_targets(image, targets, name)
   image = composite_background(image, targets["mask"], background_images, rng,
                                0.5)
-  image, targets = _random_fit(image, targets, rng, size)
+  image, targets = _random_fit(image, targets, rng, size, ratio_range)
   if max_degrees:
     image, targets = random_rotate(image, targets, rng, 0.5, max_degrees)
   image, targets = random_flip(image, targets, rng, 0.5)
@@ -288,17 +289,17 @@ def _masked_train_sample(image, targets, rng, name, size, background_images,
 
 
 def depth_train_sample(image, targets, rng, *, size=(1024, 768),
-                       background_images=None):
+                       background_images=None, ratio_range=(0.2, 2.0)):
   """Relative-depth training sample (reference recipe, 6)."""
   return _masked_train_sample(image, targets, rng, "depth", size,
-                              background_images, max_degrees=60)
+                              background_images, ratio_range, max_degrees=60)
 
 
 def normal_train_sample(image, targets, rng, *, size=(1024, 768),
-                        background_images=None):
+                        background_images=None, ratio_range=(0.2, 2.0)):
   """Surface-normal training sample (reference recipe, 7; no rotation)."""
   return _masked_train_sample(image, targets, rng, "normal", size,
-                              background_images, max_degrees=0)
+                              background_images, ratio_range, max_degrees=0)
 
 
 def seg_eval_sample(image, targets, *, size=(1024, 768)):

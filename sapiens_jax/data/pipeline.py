@@ -229,7 +229,7 @@ def _heatmap_size(image_size):
 
 
 def load_task_train_example(task, source, image_size, labels, sigma,
-                            backgrounds, index, rng):
+                            backgrounds, scale_range, index, rng):
   """Record `index` of `source` through the task's augmentation recipe; the image stays uint8."""
   if task == "pose":
     element = source[index]
@@ -247,12 +247,25 @@ def load_task_train_example(task, source, image_size, labels, sigma,
   if task == "seg":
     sample = dense_transforms.seg_train_sample(
         image, targets, rng, swap_pairs=meta.seg_classes(labels).swap_pairs, size=image_size,
-        background_images=backgrounds)
+        background_images=backgrounds, ratio_range=scale_range)
   else:
     recipe = {"depth": dense_transforms.depth_train_sample,
               "normal": dense_transforms.normal_train_sample}[task]
-    sample = recipe(image, targets, rng, size=image_size, background_images=backgrounds)
+    sample = recipe(image, targets, rng, size=image_size, background_images=backgrounds,
+                    ratio_range=scale_range)
   return {"image": sample.pop("image"), **sample}
+
+
+def _scale_range(data_config):
+  """data.scale_range, checked: the (low, high) random-resize ratios of the dense recipes."""
+  try:
+    low, high = (float(v) for v in data_config.scale_range)
+  except (TypeError, ValueError):
+    low = high = 0.0
+  if not 0 < low <= high:
+    raise ValueError(f"data.scale_range must be (low, high) with 0 < low <= high, got"
+                     f" {data_config.scale_range!r}")
+  return low, high
 
 
 def task_train_example(config, source):
@@ -260,7 +273,8 @@ def task_train_example(config, source):
   backgrounds = BackgroundImages(config.data.backgrounds) if config.data.backgrounds else None
   return functools.partial(load_task_train_example, config.task, source,
                            tuple(int(s) for s in config.image_size), config.data.labels,
-                           config.get("heatmap_sigma", 0.0), backgrounds)
+                           config.get("heatmap_sigma", 0.0), backgrounds,
+                           _scale_range(config.data))
 
 
 def _load_task_record(example, num_records, skip_bad, record_index, rng):

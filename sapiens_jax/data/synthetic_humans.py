@@ -1,7 +1,7 @@
 r"""Procedural synthetic humans with exact pose, body-part, depth and normal labels.
 
   python -m sapiens_jax.data.synthetic_humans --output=DIR --num=1000 --height=256 --width=192 \
-      [--seed=0] [--workers=1] [--framing=scene|portrait]
+      [--seed=0] [--workers=1] [--framing=scene|portrait|studio]
 
 Each person is ~17 convex primitives (capsules for limbs, neck and shoulders; ellipsoids for head,
 chest, pelvis, hands and feet) posed by forward kinematics from joint angles within limits, and
@@ -440,8 +440,8 @@ def render_people(people, camera, height, width):
           "primitives": primitive_ids, "material": material, "rays": rays}
 
 
-def sample_background(rng, height, width):
-  """Gradient + low-frequency colour noise + a few random shapes, uint8 (H, W, 3)."""
+def sample_background(rng, height, width, shapes=True):
+  """Gradient + low-frequency colour noise (+ a few random shapes), uint8 (H, W, 3)."""
   angle = rng.uniform(0, 2 * np.pi)
   ramp = (np.cos(angle) * np.arange(width)[None, :] / width
           + np.sin(angle) * np.arange(height)[:, None] / height)
@@ -452,7 +452,7 @@ def sample_background(rng, height, width):
   image += cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
   image = np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8))
   scale = max(height, width)
-  for _ in range(rng.integers(2, 9)):
+  for _ in range(rng.integers(2, 9) if shapes else 0):
     colour = tuple(int(c) for c in _random_colour(rng, 0, 255))
     x, y = int(rng.integers(width)), int(rng.integers(height))
     size = int(rng.integers(scale // 16 + 1, scale // 3 + 2))
@@ -586,7 +586,7 @@ def _portrait_position(rng, camera, height, width, person):
   return np.array([xy[0], xy[1], z - centre[2]])
 
 
-FRAMINGS = ("scene", "portrait")
+FRAMINGS = ("scene", "portrait", "studio")
 
 
 def _check_framing(framing):
@@ -598,7 +598,9 @@ def render_sample(seed, index, height, width, framing="scene"):
   """Sample `index` of the dataset with `seed`: image, labels and COCO annotations.
 
   framing "scene" stands 1-3 people on a ground plane 2.5-6 m away; "portrait" centres one person
-  who fills most of the frame, like the person crops the reference's task datasets hold.
+  who fills most of the frame, like the person crops the reference's task datasets hold; "studio"
+  is a portrait facing the camera (yaw within 45 degrees) before a background without shapes:
+  left/right is plain to see and nothing limb-like distracts, so small models learn it fast.
 
   Returns a dict: image uint8 (H, W, 3) RGB, mask bool, seg uint8, depth float32 (0 background),
   normal float32 (H, W, 3), instances uint8 (0 background, k = k-th person), keypoints list of
@@ -613,14 +615,15 @@ def render_sample(seed, index, height, width, framing="scene"):
   focal = height * rng.uniform(0.9, 1.3)
   centre = np.array([width - 1, height - 1]) / 2 + rng.uniform(-2, 2, 2)
   camera = Camera(focal, focal, centre[0], centre[1])
-  if framing == "portrait":
+  if framing in ("portrait", "studio"):
     shape, pose = sample_shape(rng), sample_pose(rng)
-    rotation = body_rotation(_sample_yaw(rng), rng.uniform(-0.12, 0.12), rng.uniform(-0.1, 0.1))
+    yaw = _sample_yaw(rng) if framing == "portrait" else rng.uniform(-np.pi / 4, np.pi / 4)
+    rotation = body_rotation(yaw, rng.uniform(-0.12, 0.12), rng.uniform(-0.1, 0.1))
     appearance = sample_appearance(rng)
     at_origin = build_person(shape, pose, rotation, np.zeros(3), appearance)
     position = _portrait_position(rng, camera, height, width, at_origin)
     people = [build_person(shape, pose, rotation, position, appearance)]
-    background = sample_background(rng, height, width)
+    background = sample_background(rng, height, width, shapes=framing == "portrait")
     return compose_sample(people, camera, background, sample_light(rng), rng)
   num_people = int(rng.integers(1, 4))
   shapes = [sample_shape(rng) for _ in range(num_people)]
@@ -716,7 +719,8 @@ def cli():
   seed = flags.DEFINE_integer("seed", 0, "Dataset seed; image i depends only on (seed, i).")
   workers = flags.DEFINE_integer("workers", 1, "Processes rendering in parallel.")
   framing = flags.DEFINE_enum("framing", "scene", FRAMINGS,
-                              "scene: 1-3 people in a room; portrait: one person filling the frame.")
+                              "scene: 1-3 people in a room; portrait: one person filling the frame;"
+                              " studio: a portrait facing the camera, plain background.")
   flags.mark_flags_as_required(["output"])
 
   def main(argv):
