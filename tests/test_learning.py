@@ -1,11 +1,18 @@
 """Learning, measured: a tiny model fine-tuned for a fixed number of steps on studio-framed synthetic
 humans beats its task's trivial baseline on the held-out split (the same evaluators score both).
 
-Not timed: each task trains for about a minute on a 2-core CPU. The margins are what these budgets
-reach with room to spare (RESULTS.md has the measured values); a broken label, loss, head, flip or
-schedule leaves the model at its baseline and fails them. The issue's own thresholds (seg +20
-points, depth and normals 0.7x their constants) need longer runs and are tracked in RESULTS.md.
+Not timed. Two budgets:
+- short (always run; about a minute each on 2 CPU cores): a margin these budgets clear with room to
+  spare, so a broken label, loss, head, flip or schedule, which leaves the model at its baseline,
+  fails them;
+- long (`SAPIENS_LONG_TESTS=1`; 12-18 minutes each): the thresholds of the issue "The four human
+  tasks" for seg (mIoU baseline + 20 points) and normals (mean angle 0.7x the mean normal's). Pose's
+  (AP 2x the mean pose's) is already checked by the short run; depth's (0.7x a constant's RMSE) is
+  not reached on a CPU yet.
+RESULTS.md records the values both budgets reach.
 """
+import os
+
 import pytest
 from test_finetune import synthetic_config
 
@@ -13,16 +20,17 @@ from sapiens_jax import baselines
 from sapiens_jax import train
 from sapiens_jax import writers
 
-STEPS = {"pose": 800, "seg": 300, "depth": 300, "normal": 400}
+LONG = os.environ.get("SAPIENS_LONG_TESTS") == "1"
+long_only = pytest.mark.skipif(not LONG, reason="long learning run: set SAPIENS_LONG_TESTS=1")
 
 
-def learning_config(task):
+def learning_config(task, steps):
   """configs/synthetic.py:TASK with a 2-block, width-64 ViT and a width-32 head."""
   c = synthetic_config(task)
   c.model.size = "tiny"
   c.model.head_channels = 32
   c.optim.base_lr = 4e-3
-  c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = STEPS[task]
+  c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = steps
   c.log_every_steps = 100
   return c
 
@@ -31,40 +39,52 @@ def learning_config(task):
 def studio_root(tmp_path_factory):
   """512 training and 64 held-out renders at 128x96, shared by the four tasks."""
   root = str(tmp_path_factory.mktemp("studio"))
-  config = learning_config("seg")
+  config = learning_config("seg", 1)
   config.data.path = root
   from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.ensure_synthetic_data(config, "")
   return root
 
 
-def fine_tune(task, root, workdir):
-  """(final eval metrics, baseline metrics) of a run of `task`."""
-  config = learning_config(task)
+def fine_tune(task, steps, root, workdir):
+  """(final eval metrics, baseline metrics) of a `steps`-step run of `task`."""
+  config = learning_config(task, steps)
   config.data.path = root
   train.train_and_evaluate(config, str(workdir))
   evals = [r for r in writers.read_metrics(workdir) if any(k.startswith("eval_") for k in r)]
-  assert evals[-1]["step"] == STEPS[task]
+  assert evals[-1]["step"] == steps
   final = {k[len("eval_"):]: v for k, v in evals[-1].items() if k.startswith("eval_")}
   return final, baselines.evaluate_baseline(config, str(workdir))
 
 
 def test_segmentation_learns_beyond_the_majority_class(studio_root, tmp_path):
-  model, baseline = fine_tune("seg", studio_root, tmp_path)
+  model, baseline = fine_tune("seg", 300, studio_root, tmp_path)
   assert model["mIoU"] >= baseline["mIoU"] + 5, (model, baseline)
 
 
 def test_normals_learn_beyond_the_mean_normal(studio_root, tmp_path):
-  model, baseline = fine_tune("normal", studio_root, tmp_path)
+  model, baseline = fine_tune("normal", 400, studio_root, tmp_path)
   assert model["mean_angle"] <= 0.93 * baseline["mean_angle"], (model, baseline)
 
 
 def test_depth_learns_beyond_a_constant(studio_root, tmp_path):
-  model, baseline = fine_tune("depth", studio_root, tmp_path)
+  model, baseline = fine_tune("depth", 300, studio_root, tmp_path)
   assert model["rmse"] <= 0.97 * baseline["rmse"], (model, baseline)
 
 
 def test_pose_learns_beyond_the_mean_pose(studio_root, tmp_path):
-  model, baseline = fine_tune("pose", studio_root, tmp_path)
+  model, baseline = fine_tune("pose", 800, studio_root, tmp_path)
   assert model["AP"] >= 2 * baseline["AP"] and model["AP"] > 0, (model, baseline)
   assert model["AR50"] >= 2 * baseline["AR50"] + 0.05, (model, baseline)
+
+
+@long_only
+def test_segmentation_reaches_the_issue_threshold(studio_root, tmp_path):
+  model, baseline = fine_tune("seg", 2000, studio_root, tmp_path)
+  assert model["mIoU"] >= baseline["mIoU"] + 20, (model, baseline)
+
+
+@long_only
+def test_normals_reach_the_issue_threshold(studio_root, tmp_path):
+  model, baseline = fine_tune("normal", 4000, studio_root, tmp_path)
+  assert model["mean_angle"] <= 0.7 * baseline["mean_angle"], (model, baseline)
