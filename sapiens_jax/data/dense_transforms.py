@@ -27,6 +27,7 @@ from sapiens_jax.data.photometric import photometric_distortion
 
 TARGET_NAMES = ("label", "mask", "depth", "normal")
 IGNORE_INDEX = 255
+REFERENCE_RATIO_RANGE = (0.2, 2.0)  # random resize of all three recipes, for 1024x768 crops
 
 # What rotation fills in outside the original image: labels get class 0
 # (background; the reference's seg_pad_val=0), masks 0, and depth and normals
@@ -74,7 +75,7 @@ def fit_size(height, width, scale):
 
 
 def random_resize(image, targets, rng, scale=(768, 1024),
-                  ratio_range=(0.2, 2.0)):
+                  ratio_range=REFERENCE_RATIO_RANGE):
   """Resizes to fit `scale` times a ratio drawn from U(ratio_range)."""
   ratio = rng.uniform(*ratio_range)
   target_scale = (int(scale[0] * ratio), int(scale[1] * ratio))
@@ -255,12 +256,11 @@ def _masked_targets(image, targets, name):
 
 
 def seg_train_sample(image, targets, rng, *, swap_pairs, size=(1024, 768),
-                     background_images=None, ratio_range=(0.2, 2.0)):
+                     background_images=None, ratio_range=REFERENCE_RATIO_RANGE):
   """Body-part segmentation training sample (reference recipe, 5.3).
 
   `swap_pairs` is required: a flip without the left/right swap silently
-  teaches the model to confuse the sides. `ratio_range` is the random
-  resize's; the reference's (0.2, 2) is meant for 1024x768 crops.
+  teaches the model to confuse the sides.
   """
   check_targets(image, targets, ("label",))
   label = targets["label"]
@@ -289,14 +289,14 @@ def _masked_train_sample(image, targets, rng, name, size, background_images,
 
 
 def depth_train_sample(image, targets, rng, *, size=(1024, 768),
-                       background_images=None, ratio_range=(0.2, 2.0)):
+                       background_images=None, ratio_range=REFERENCE_RATIO_RANGE):
   """Relative-depth training sample (reference recipe, 6)."""
   return _masked_train_sample(image, targets, rng, "depth", size,
                               background_images, ratio_range, max_degrees=60)
 
 
 def normal_train_sample(image, targets, rng, *, size=(1024, 768),
-                        background_images=None, ratio_range=(0.2, 2.0)):
+                        background_images=None, ratio_range=REFERENCE_RATIO_RANGE):
   """Surface-normal training sample (reference recipe, 7; no rotation)."""
   return _masked_train_sample(image, targets, rng, "normal", size,
                               background_images, ratio_range, max_degrees=0)
