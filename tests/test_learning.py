@@ -2,7 +2,7 @@
 humans beats its task's trivial baseline on the held-out split (the same evaluators score both).
 
 Not timed. Two budgets:
-- short (always run; about a minute each on 2 CPU cores): a margin these budgets clear with room to
+- short (always run; 40 s to 2.5 min each on 2 CPU cores): a margin these budgets clear with room to
   spare, so a broken label, loss, head, flip or schedule, which leaves the model at its baseline,
   fails them;
 - long (`SAPIENS_LONG_TESTS=1`; 12-18 minutes each): the thresholds of the issue "The four human
