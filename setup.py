@@ -28,8 +28,10 @@ setuptools.setup(
     ],
     extras_require={
         # scikit-image: its bundled astronaut photo is the real photo of the parity tests.
-        "test": ["pytest>=8", "scipy", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "scikit-image>=0.22"],
+        # pytest-xdist: the suite runs in 2 worker processes (most of its time is single-threaded
+        # XLA compilation, so the second core would otherwise idle).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "scikit-image>=0.22"],
         # Exact pin: any looser spelling may pull a CUDA build of several GB.
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
     },
