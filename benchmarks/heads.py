@@ -4,7 +4,7 @@ transposed conv (what `nn.ConvTranspose` lowers to); prints one JSON line per he
   python benchmarks/heads.py [--batch=16] [--grid=8,6] [--channels=64] [--steps=5]
 
 The default is the head of `configs/synthetic.py` with `model.size=tiny` (128x96 input: an 8x6
-token grid, 64 channels). The two forms compute the same function (tests/test_heads.py).
+token grid, 64 channels). The two forms compute the same function (tests/tasks/test_heads.py).
 """
 import json
 import statistics
@@ -15,7 +15,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from sapiens_jax import heads
+from sapiens_jax import tasks
+from sapiens_jax.tasks import heads
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Feature maps per step.")
 _GRID = flags.DEFINE_list("grid", ["8", "6"], "Token grid h,w the head upsamples.")
@@ -45,8 +46,8 @@ def main(argv):
   c = _CHANNELS.value
   h, w = (int(s) for s in _GRID.value)
   features = jax.random.normal(jax.random.PRNGKey(1), (_BATCH.value, h, w, c))
-  makers = {"pose": lambda: heads.pose_head(17, c), "seg": lambda: heads.seg_head(28, c),
-            "depth": lambda: heads.depth_head(c)}
+  makers = {"pose": lambda: tasks.pose.head(17, c), "seg": lambda: tasks.seg.head(28, c),
+            "depth": lambda: tasks.depth.head(c)}
   ours = heads.deconv4x4_stride2
   for name, make in makers.items():
     row = {"head": name, "input": [_BATCH.value, h, w, c], "device": jax.devices()[0].device_kind}

@@ -2,10 +2,10 @@
 
 Built from tests/torch_reference.py (the state-dict-compatible Sapiens ViT and MAE neck), so the
 architecture is ours by construction; only the masking, the loss and the optimizer step are added
-here, mirroring sapiens_jax.mae and sapiens_jax.optim: the encoder runs on the visible 25% of tokens
-plus cls, the decoder on all tokens, norm-pix MSE on masked patches, global-norm clipping, AdamW
-(torch's fused kernel) with decay on weight matrices only and the sin-cos position embeddings
-frozen. The learning rate is constant; no torch.compile.
+here, mirroring sapiens_jax.objectives.mae and sapiens_jax.optim: the encoder runs on the visible
+25% of tokens plus cls, the decoder on all tokens, norm-pix MSE on masked patches, global-norm
+clipping, AdamW (torch's fused kernel) with decay on weight matrices only and the sin-cos position
+embeddings frozen. The learning rate is constant; no torch.compile.
 """
 import os
 import statistics
@@ -70,12 +70,13 @@ def mae_loss(pred, images_nchw, mask, patch_size):
 
 
 def make_model_and_optimizer(config):
-  """The MAE for `config` (sizes from sapiens_jax.vit.SIZES) and its AdamW, as the JAX step has."""
-  from sapiens_jax import vit  # pylint: disable=g-import-not-at-top
-  width, depth, heads = vit.size_dims(config.model.size)
+  """The MAE for `config` (sizes from sapiens_jax.models.sapiens.SIZES) and its AdamW, as the JAX
+  step has."""
+  from sapiens_jax.models import sapiens  # pylint: disable=g-import-not-at-top
   m, o = config.model, config.optim
-  model = MAE(width, depth, heads, tuple(config.image_size), m.patch_size, m.decoder_width,
-              m.decoder_depth, m.decoder_heads, m.mask_ratio)
+  dims = sapiens.size(m.size)
+  model = MAE(dims.width, dims.depth, dims.num_heads, tuple(config.image_size), m.patch_size,
+              m.decoder_width, m.decoder_depth, m.decoder_heads, m.mask_ratio)
   model.backbone.pos_embed.requires_grad_(False)
   model.neck.decoder_pos_embed.requires_grad_(False)
   params = [p for p in model.parameters() if p.requires_grad]

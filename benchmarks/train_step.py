@@ -3,12 +3,13 @@ r"""Times the jitted MAE train step on a fixed device-resident batch; prints one
   python benchmarks/train_step.py --config=configs/quickstart.py [--config.key=value ...] \
       [--steps=10] [--warmup=2] [--torch] [--threads=N] [--breakdown]
 
-The step is exactly what training runs (train.create_train_state + train.jit_train_step, on the
-configured mesh), so the input pipeline is excluded and the number is the model's ceiling. MFU is
-analytic model FLOPs (`model_flops_per_step`) over the device peak: a table for accelerators, and on
-CPU a float32 jnp.dot matmul measured in the same run. `--torch` also times the PyTorch eager
-reference of the same model and batch (benchmarks/torch_mae.py). XLA:CPU sizes its thread pool
-from the CPUs this process may run on (limit it with `taskset`); `--threads` sets torch's only.
+The step is exactly what training runs (step.abstract_train_state + step.init_train_state +
+step.jit_train_step, on the configured mesh), so the input pipeline is excluded and the number is
+the model's ceiling. MFU is analytic model FLOPs (`model_flops_per_step`) over the device peak: a
+table for accelerators, and on CPU a float32 jnp.dot matmul measured in the same run. `--torch`
+also times the PyTorch eager reference of the same model and batch (benchmarks/torch_mae.py).
+XLA:CPU sizes its thread pool from the CPUs this process may run on (limit it with `taskset`);
+`--threads` sets torch's only.
 On a shared CPU, compare the `cpu_s_per_step` fields (process CPU time): other processes stretch
 wall time but hardly the CPU seconds the step itself needs.
 """
@@ -26,11 +27,13 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from sapiens_jax import mae
+from sapiens_jax import models
+from sapiens_jax import objectives
 from sapiens_jax import optim
+from sapiens_jax import prng
 from sapiens_jax import sharding
+from sapiens_jax import step
 from sapiens_jax import train
-from sapiens_jax import vit
 from sapiens_jax.data import transforms
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
@@ -65,7 +68,7 @@ def block_flops(tokens, width):
 
 
 def mae_forward_flops(config):
-  """Forward matmul FLOPs of one example through the MAE, as sapiens_jax.mae computes it.
+  """Forward matmul FLOPs of one example through the MAE, as sapiens_jax.objectives.mae computes it.
 
   With N = (H/p)(W/p) patches, n_e = 1 + int(N (1 - mask_ratio)) encoder tokens (visible + cls),
   n_d = 1 + N decoder tokens, encoder (C, L), decoder (D, L_d):
@@ -76,8 +79,9 @@ def mae_forward_flops(config):
   + 2 n_d D (3p^2)                 decoder_pred
   Norms, softmax, GELU, masking and the loss are left out (not matmuls).
   """
-  width, depth, _ = vit.size_dims(config.model.size)
   m = config.model
+  dims = models.family(m).size(m.size)
+  width, depth = dims.width, dims.depth
   h, w = config.image_size
   p, d = m.patch_size, m.decoder_width
   n = (h // p) * (w // p)
@@ -133,10 +137,12 @@ def synthetic_images(config):
 def benchmark_jax(config, images, steps, warmup, breakdown):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
-  model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
-  state, abstract = train.create_train_state(model, tx, config, mesh, rules)
+  objective = objectives.get(config)
+  model, tx = objective.build_model(config), optim.make_optimizer(config)
+  abstract = step.abstract_train_state(objective, model, tx, config, mesh, rules)
+  state = step.init_train_state(objective, model, tx, config, mesh, rules, abstract)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  step = train.jit_train_step(model, tx, config, mesh, rules, state_shardings)
+  jitted_step = step.jit_train_step(objective, model, tx, config, mesh, rules, state_shardings)
   out = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = {"image": jax.device_put(images, sharding.batch_sharding(mesh, rules))}
@@ -144,7 +150,7 @@ def benchmark_jax(config, images, steps, warmup, breakdown):
     del state
 
     def run_step():
-      holder["state"], metrics = step(holder["state"], batch)
+      holder["state"], metrics = jitted_step(holder["state"], batch)
       return holder["state"], metrics
 
     t0 = time.perf_counter()
@@ -154,12 +160,12 @@ def benchmark_jax(config, images, steps, warmup, breakdown):
     out.update(step_time_s=median, step_time_min_s=best, cpu_s_per_step=cpu)
 
     if breakdown:
-      params = holder["state"]["params"]
-      keys = mae.example_keys(jax.random.key(0), images.shape[0])
-      forward = jax.jit(lambda p, b, k: train.loss_fn(p, model, b, k, config)[0])
-      grads = jax.jit(lambda p, b, k: train.loss_and_grads(p, model, b, k, config))
-      out["forward_s"] = time_calls(lambda: forward(params, batch, keys), steps, 1)[0]
-      out["forward_backward_s"] = time_calls(lambda: grads(params, batch, keys), steps, 1)[0]
+      state = holder["state"]
+      keys = prng.example_keys(jax.random.key(0), images.shape[0])
+      forward = jax.jit(lambda s, b, k: objective.loss(model, s["params"], s, b, k, config)[0])
+      grads = jax.jit(lambda s, b, k: step.loss_and_grads(objective, model, s, b, k, config))
+      out["forward_s"] = time_calls(lambda: forward(state, batch, keys), steps, 1)[0]
+      out["forward_backward_s"] = time_calls(lambda: grads(state, batch, keys), steps, 1)[0]
   return out
 
 
@@ -167,11 +173,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  train.check_config(config)
+  if train.check_config(config) is not objectives.mae:
+    raise app.UsageError(f"this benchmark times the MAE pretraining step; --config has "
+                         f"objective={config.objective!r}, not 'mae'")
   device = jax.devices()[0]
-  width, depth, heads = vit.size_dims(config.model.size)
+  dims = models.family(config.model).size(config.model.size)
   result = {
-      "model": config.model.size, "width": width, "depth": depth, "heads": heads,
+      "model": config.model.size, "width": dims.width, "depth": dims.depth, "heads": dims.num_heads,
       "decoder": [config.model.decoder_width, config.model.decoder_depth, config.model.decoder_heads],
       "image_size": list(config.image_size), "batch_size": config.batch_size,
       "dtype": config.model.dtype, "scan_layers": config.model.scan_layers,

@@ -38,5 +38,5 @@ def get_config(task="pose"):
   # back to size, leaves a 26-pixel-tall blur.
   config.data.scale_range = (0.8, 1.25)
   if task == "pose":
-    config.heatmap_sigma = 2.0  # sigma 6 is for 256x192 heatmaps; these are 32x24
+    config.loss.heatmap_sigma = 2.0  # sigma 6 is for 256x192 heatmaps; these are 32x24
   return config

@@ -1,16 +1,24 @@
-"""Orbax checkpoints of one run: train state, Grain iterator state and the config, per step.
+"""Orbax checkpoints of one run, and everything that reads a run back.
 
-Every checkpoint holds three items: `state` (step, params, optimizer state), `data` (the Grain
-iterator position, so a resumed run sees exactly the samples an uninterrupted run would) and
-`config` (JSON, used to refuse resuming a different model into this workdir).
+Every checkpoint holds three items: `state` (step, params, optimizer state and whatever state the
+objective adds), `data` (the Grain iterator position, so a resumed run sees exactly the samples an
+uninterrupted run would) and `config` (JSON: used to refuse resuming a different model into this
+workdir, and to rebuild the model for export, prediction and init_from). Configs saved in an older
+layout are brought to today's (default_config.upgrade), so their checkpoints keep restoring.
 """
 import os
 
 from absl import logging
+import flax.linen as nn
 import grain
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+from sapiens_jax import default_config
+from sapiens_jax import objectives
 
 # Config entries that change the shapes of the saved state.
 _SHAPE_KEYS = ("model", "image_size")
@@ -26,16 +34,10 @@ def make_manager(workdir, config):
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-# Fine-tuning metrics where lower is better (the rest, AP and mIoU, are higher-is-better).
-LOWER_IS_BETTER = ("rmse", "abs_rel", "mean_angle", "median_angle")
-
-
-def make_best_manager(workdir, config):
-  """Keeps the one checkpoint with the best `config.best_metric`, in DIR/best_checkpoint."""
-  metric = config.best_metric
+def make_best_manager(workdir, metric, mode):
+  """Keeps the one checkpoint with the best `metric` ("min" or "max" is best), in DIR/best_checkpoint."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, best_fn=lambda metrics: metrics[metric],
-      best_mode="min" if metric in LOWER_IS_BETTER else "max")
+      max_to_keep=1, create=True, best_fn=lambda metrics: metrics[metric], best_mode=mode)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best_checkpoint"), options=options)
 
 
@@ -47,9 +49,15 @@ def save(manager, step, state, data_iterator, config, metrics=None):
       config=ocp.args.JsonSave(config.to_dict())))
 
 
+def saved_config(manager, step):
+  """The config saved with checkpoint `step`, in today's layout."""
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  return ml_collections.ConfigDict(default_config.upgrade(saved))
+
+
 def check_compatible(manager, step, config):
   """Raise a clear error if the checkpoint at `step` was written for another model or image size."""
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  saved = saved_config(manager, step).to_dict()
   wanted = config.to_dict()
   diffs = []
   for key in _SHAPE_KEYS:
@@ -153,3 +161,45 @@ def _move_aside(manager, steps):
       logging.warning("Moved damaged checkpoint step %d to %s.", step, aside)
   multihost_utils.sync_global_devices("sapiens_jax: damaged checkpoints moved")
   manager.reload()
+
+
+# ---------------------------------------------------------------- reading a run back
+
+def checkpoint_steps(workdir):
+  """(read-only manager, sorted steps) of `workdir`/checkpoints; an error naming the dir if empty."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r}: {directory} does not exist")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {workdir!r}: {directory} holds no saved step")
+  return manager, steps
+
+
+def abstract_params(config):
+  """Shapes and dtypes of the params of `config`'s model, traced (never allocated), built by the
+  objective's own init as training builds them."""
+  objective = objectives.get(config)
+  model = objective.build_model(config)
+  return jax.eval_shape(lambda key: nn.unbox(objective.init_params(model, config, key)), jax.random.key(0))
+
+
+def restore_params(workdir, step=None):
+  """(params as numpy arrays, saved config, step) of checkpoint `step` (default: the newest) of a run.
+
+  Reads only the parameters (not the optimizer state), onto one CPU device, whatever the run was
+  trained on: the shapes come from the config saved with the checkpoint.
+  """
+  manager, steps = checkpoint_steps(workdir)
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {manager.directory}; available steps: {steps}")
+  config = saved_config(manager, step)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                                   abstract_params(config))}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  return jax.tree.map(np.asarray, restored["state"]["params"]), config, step

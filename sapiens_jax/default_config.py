@@ -1,37 +1,54 @@
 """Every config key of a run, with its default; config files start from here.
 
 Keeping the full key set in one place is what makes `--config.some_key=...` typos an error
-(configs are locked) and keeps the per-size and per-task configs down to what actually differs.
-`pretrain(size)` is the MAE recipe; `finetune(dataset, size)` the pose / seg / depth / normal ones
-(reference: shared sapiens_v1.md §4-§7).
+(configs are locked) and keeps the per-size and per-dataset configs down to what actually
+differs. `pretrain(size)` is the pretraining recipe (the objective adds its keys),
+`finetune(dataset, size)` the fine-tuning ones (the task adds its part of the recipe; reference:
+shared sapiens_v1.md §4-§7).
 """
+import copy
+import dataclasses
+
 import ml_collections
 
+from sapiens_jax import objectives
 from sapiens_jax import sharding
+from sapiens_jax import tasks
 
 # Paper Table 2 pretraining batch sizes.
 TABLE2_BATCH = {"0.3b": 98_304, "0.6b": 65_536, "1b": 40_960, "2b": 20_480}
 TOKENS_SEEN = 1_200_000_000_000  # patch tokens each Sapiens model saw in pretraining (paper)
-COCO_TRAIN_PERSONS = 149_813  # person instances with keypoints in COCO train2017
 
-# Fine-tuning datasets: task, label set (sapiens_jax.data.meta), patch-embed padding (reference
-# §1.3: same 64x48 grid, shifted windows), peak lr, lr_base_batch (0 = lr as given) and global batch.
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A fine-tuning dataset of the reference recipes."""
+  task: str
+  labels: str  # skeleton or class vocabulary in sapiens_jax/data/meta ("" if none)
+  patch_padding: int  # reference §1.3: the same 64x48 grid, shifted windows
+  lr: float  # peak learning rate
+  lr_base_batch: int  # the lr is lr * batch / lr_base_batch; 0 = lr as given
+  batch_size: int  # global
+
+
 DATASETS = {
-    "coco": ("pose", "coco17", 2, 5e-4, 0, 64),
-    "coco_wholebody": ("pose", "coco_wholebody133", 2, 5e-4, 512, 64),  # auto_scale_lr on
-    "goliath": ("pose", "goliath308", 2, 5e-5, 0, 64),
-    "goliath_seg": ("seg", "seg28", 0, 5e-4, 0, 16),
-    "cihp": ("seg", "seg20", 2, 5e-4, 0, 16),
-    "render_people_depth": ("depth", "", 0, 5e-4, 0, 16),
-    "render_people_normal": ("normal", "", 2, 5e-4, 0, 16),
+    "coco": Dataset(task="pose", labels="coco17", patch_padding=2, lr=5e-4, lr_base_batch=0, batch_size=64),
+    "coco_wholebody": Dataset(task="pose", labels="coco_wholebody133", patch_padding=2, lr=5e-4,
+                              lr_base_batch=512, batch_size=64),  # auto_scale_lr on
+    "goliath": Dataset(task="pose", labels="goliath308", patch_padding=2, lr=5e-5, lr_base_batch=0, batch_size=64),
+    "goliath_seg": Dataset(task="seg", labels="seg28", patch_padding=0, lr=5e-4, lr_base_batch=0, batch_size=16),
+    "cihp": Dataset(task="seg", labels="seg20", patch_padding=2, lr=5e-4, lr_base_batch=0, batch_size=16),
+    "render_people_depth": Dataset(task="depth", labels="", patch_padding=0, lr=5e-4, lr_base_batch=0,
+                                   batch_size=16),
+    "render_people_normal": Dataset(task="normal", labels="", patch_padding=2, lr=5e-4, lr_base_batch=0,
+                                    batch_size=16),
 }
-TASKS = ("mae", "pose", "seg", "depth", "normal")
 
 
-def _run(size, batch_size, total_steps, image_size):
+def _run(objective, size, batch_size, total_steps, image_size):
   """Keys every run has: schedule of the loop, model basics, optimizer basics, data, mesh."""
   c = ml_collections.ConfigDict()
-  c.task = "mae"                 # mae | pose | seg | depth | normal
+  c.objective = objective        # sapiens_jax.objectives.OBJECTIVES: mae | finetune
   c.seed = 0
   c.batch_size = batch_size      # global, over all processes and devices
   c.total_steps = total_steps
@@ -47,12 +64,13 @@ def _run(size, batch_size, total_steps, image_size):
   c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = size            # 0.3b | 0.6b | 1b | 2b | small | tiny (sapiens_jax.vit.SIZES)
+  c.model.family = "sapiens"     # sapiens_jax.models.FAMILIES
+  c.model.size = size            # 0.3b | 0.6b | 1b | 2b | small | tiny (the family's SIZES)
   c.model.patch_size = 16
   c.model.patch_padding = 0      # 2 for some task fine-tunes (reference §1.3): same grid, shifted windows
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
   c.model.scan_layers = size in TABLE2_BATCH  # one compiled block body for all layers
-  # Activation checkpointing (sapiens_jax.vit.REMAT_POLICIES): more of it for bigger models.
+  # Activation checkpointing (sapiens_jax.models.layers.REMAT_POLICIES): more of it for bigger models.
   c.model.remat_policy = {"0.3b": "dots", "0.6b": "dots", "1b": "full", "2b": "full"}.get(size, "none")
 
   c.optim = ml_collections.ConfigDict()
@@ -73,7 +91,7 @@ def _run(size, batch_size, total_steps, image_size):
   c.optim.frozen = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos embeddings never move
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "generated"    # see make_source in sapiens_jax/data/sources.py (MAE) and pipeline.py (tasks)
+  c.data.source = "generated"    # the reader: sapiens_jax/data/sources.py (pretraining), pipeline.py (tasks)
   c.data.path = ""               # folder root, or ArrayRecord file / directory / glob
   c.data.num_generated = 10_000  # size of the built-in generated dataset
   c.data.on_error = "raise"      # raise | skip (unreadable images)
@@ -87,17 +105,13 @@ def _run(size, batch_size, total_steps, image_size):
   return c
 
 
-def pretrain(size):
+def pretrain(size, objective="mae"):
   """The paper's recipe for `size`; sizes outside Table 2 get batch 256 and 10k steps."""
   batch = TABLE2_BATCH.get(size, 256)
   # 1.2T tokens at 4096 tokens per 1024x1024 image.
   steps = TOKENS_SEEN // (batch * 4096) if size in TABLE2_BATCH else 10_000
-  c = _run(size, batch, steps, (1024, 1024))  # eval: loss + reconstruction PNG on a fixed batch
-  c.model.mask_ratio = 0.75
-  c.model.decoder_width = 512
-  c.model.decoder_depth = 8
-  c.model.decoder_heads = 16
-  c.model.norm_pix_loss = True
+  c = _run(objective, size, batch, steps, (1024, 1024))
+  objectives.OBJECTIVES[objective].configure(c)
   c.data.resize = "pil"  # crop resize: "pil" (the reference's) | "cv2" (faster; transforms.resize)
   c.optim.warmup_steps = steps // 40  # reference: 40 of 1600 epochs
   return c
@@ -105,41 +119,56 @@ def pretrain(size):
 
 def finetune(dataset, size):
   """The reference fine-tuning recipe of `dataset` (a key of DATASETS) for `size`."""
-  task, labels, padding, lr, lr_base_batch, batch = DATASETS[dataset]
-  # Pose: 210 epochs of COCO's person instances; dense tasks: 200 epochs of a dataset whose size
-  # the reference does not fix -- set total_steps = epochs * examples / batch_size for yours.
-  steps = 210 * COCO_TRAIN_PERSONS // batch if task == "pose" else 100_000
-  c = _run(size, batch, steps, (1024, 768))
-  c.task = task
-  c.model.patch_padding = padding
-  c.model.head_channels = 384 if task == "depth" else 768
-  c.optim.base_lr = lr
-  c.optim.lr_base_batch = lr_base_batch
+  d = DATASETS[dataset]
+  # Dense tasks: 200 epochs of a dataset whose size the reference does not fix -- set
+  # total_steps = epochs * examples / batch_size for yours.
+  c = _run("finetune", size, d.batch_size, 100_000, (1024, 768))
+  c.task = d.task                # sapiens_jax.tasks.TASKS
+  c.model.patch_padding = d.patch_padding
+  c.model.head_channels = 768    # width of the task head's hidden layers
+  c.optim.base_lr = d.lr
+  c.optim.lr_base_batch = d.lr_base_batch
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.1
-  c.optim.layer_decay = 0.95 if (dataset, size) == ("goliath", "1b") else 0.85
+  c.optim.layer_decay = 0.85
   c.optim.warmup_start_factor = 1e-3
-  c.optim.warmup_steps = 500 if task == "pose" else 400
+  c.optim.warmup_steps = 400
+  c.optim.schedule = "linear"    # PolyLR power 1
   c.optim.frozen = ()            # the fine-tuned position embedding is learnt
-  if task == "pose":             # MultiStepLR at epochs 170 and 200 of 210
-    c.optim.schedule, c.optim.milestones = "multistep", (170 / 210, 200 / 210)
-  else:                          # PolyLR power 1
-    c.optim.schedule = "linear"
-  c.loss = ml_collections.ConfigDict()
-  if task == "pose":
-    c.loss.name = "ohkm" if (dataset, size) in (("goliath", "0.3b"), ("goliath", "1b")) else "mse"
-    c.loss.ohkm_topk = 128
-    c.heatmap_sigma = 6.0        # UDP Gaussian heatmaps at 1/4 of the input size
-  c.data.source = dataset        # or "synthetic": humans rendered by sapiens_jax.data.synthetic_humans
-  c.data.labels = labels         # skeleton or class vocabulary in sapiens_jax/data/meta/
-  c.data.annotations = ""        # pose: COCO keypoint JSON (image paths relative to data.path)
+  c.loss = ml_collections.ConfigDict()  # the task's loss and target settings
+  c.data.source = "folder"       # folder (or shards from sapiens_jax.data.convert) | synthetic
+  c.data.dataset = dataset       # the recipe's dataset (DATASETS)
+  c.data.labels = d.labels       # skeleton or class vocabulary in sapiens_jax/data/meta/
+  c.data.annotations = ""        # COCO keypoints: the JSON (image paths relative to data.path)
   c.data.eval_path = ""          # held-out split, same layout as data.path
   c.data.eval_annotations = ""
   c.data.num_eval = 0            # 0 = the whole eval split
-  c.data.backgrounds = ""        # folder of non-human images pasted behind people (seg/depth/normal)
+  c.data.backgrounds = ""        # folder of non-human images pasted behind people (dense tasks)
   c.data.framing = "scene"       # synthetic source: scene (1-3 people) | portrait (one, frame-filling)
                                  # | studio (portrait facing the camera, before a plain background)
-  c.data.scale_range = (0.2, 2.0)  # seg/depth/normal random resize; the reference's, for 1024x768
+  c.data.scale_range = (0.2, 2.0)  # dense tasks' random resize; the reference's, for 1024x768
   c.eval_batch_size = c.batch_size
-  c.best_metric = {"pose": "AP", "seg": "mIoU", "depth": "rmse", "normal": "mean_angle"}[task]
+  c.best_metric = ""             # the task sets it; its direction is in the task's METRICS
+  tasks.get(d.task).configure(c, dataset, size)
   return c
+
+
+def upgrade(saved):
+  """A config dict saved before backbones, objectives and tasks were separate modules (2026-11),
+  in today's layout: `task` "mae" became `objective`, `model.family` appeared, `heatmap_sigma`
+  moved into `loss`, and `data.source` names the reader, `data.dataset` the dataset."""
+  if "objective" in saved:
+    return saved
+  saved = copy.deepcopy(saved)
+  task = saved.pop("task", "mae")
+  saved["objective"] = "mae" if task == "mae" else "finetune"
+  saved["model"].setdefault("family", "sapiens")
+  if task != "mae":
+    saved["task"] = task
+    saved.setdefault("loss", {})
+    if "heatmap_sigma" in saved:
+      saved["loss"]["heatmap_sigma"] = saved.pop("heatmap_sigma")
+    data = saved["data"]
+    if data["source"] != "synthetic":
+      data["dataset"], data["source"] = data["source"], "folder"
+  return saved

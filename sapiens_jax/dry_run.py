@@ -1,4 +1,4 @@
-"""`--dry_run`: what a config will cost on its mesh, without allocating anything of model size.
+"""`--dry_run`: what a config (any objective) will cost on its mesh, without allocating anything of model size.
 
 Parameters come from `jax.eval_shape`, FLOPs from XLA's cost analysis of the lowered train step,
 and memory per device from the compiled (never run) program's memory analysis on the configured
@@ -12,43 +12,16 @@ import math
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from sapiens_jax import mae
+from sapiens_jax import models
+from sapiens_jax import objectives
 from sapiens_jax import optim
 from sapiens_jax import sharding
-from sapiens_jax import train
-from sapiens_jax import vit
+from sapiens_jax import step
 
 
 def count(tree):
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
-def paper_flops(config):
-  """Multiply-accumulates of the encoder's linear layers on all tokens, as the paper's Table 2 counts."""
-  width, depth, _ = vit.size_dims(config.model.size)
-  h, w = config.image_size
-  p = config.model.patch_size
-  tokens = (h // p) * (w // p)
-  return float(depth * 12 * width ** 2 * tokens + 3 * p * p * width * tokens)
-
-
-def activation_bytes_per_example(config):
-  """Rough bytes of activations kept for the backward pass, per example (no remat).
-
-  Per token and block: ~16 widths (norm outputs, q/k/v, attention output, 2 x 4C MLP, residual)
-  plus one row of attention probabilities per head.
-  """
-  width, depth, heads = vit.size_dims(config.model.size)
-  m = config.model
-  h, w = config.image_size
-  n = (h // m.patch_size) * (w // m.patch_size)
-  visible = 1 + int(n * (1 - m.mask_ratio))
-  itemsize = jnp.dtype(m.dtype).itemsize
-  per_block = lambda tokens, c, nh: tokens * (16 * c + nh * tokens) * itemsize
-  return depth * per_block(visible, width, heads) + m.decoder_depth * per_block(
-      n + 1, m.decoder_width, m.decoder_heads)
 
 
 LARGE_PARAM_BYTES = 1 << 20
@@ -65,15 +38,17 @@ def unsharded_large_params(abstract_params, shardings):
 
 def lower_train_step(config, mesh, rules):
   """(lowered train step, abstract sharded state, batch sharding) for `config` on `mesh`."""
-  model = mae.mae_from_config(config)
+  objective = objectives.get(config)
+  model = objective.build_model(config)
   tx = optim.make_optimizer(config)
-  abstract = train.abstract_train_state(model, tx, config, mesh, rules)
+  abstract = step.abstract_train_state(objective, model, tx, config, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *config.image_size, 3), jnp.float32,
-                                           sharding=batch_sharding)}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in objective.batch_spec(config, config.batch_size).items()}
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    lowered = train.jit_train_step(model, tx, config, mesh, rules, state_shardings).lower(abstract, batch)
+    jitted = step.jit_train_step(objective, model, tx, config, mesh, rules, state_shardings)
+    lowered = jitted.lower(abstract, batch)
   return lowered, abstract, batch_sharding
 
 
@@ -96,7 +71,7 @@ def plan(config, compile_program=True):
   param_bytes = sharding.bytes_per_device(abstract["params"], state_shardings["params"])
   opt_bytes = sharding.bytes_per_device(abstract["opt_state"], state_shardings["opt_state"])
   per_device_batch = config.batch_size / sharding.batch_shards(mesh, rules)
-  act_bytes = int(activation_bytes_per_example(config) * per_device_batch)
+  act_bytes = int(objectives.get(config).activation_bytes_per_example(config) * per_device_batch)
   memory = 2 * param_bytes + opt_bytes + act_bytes  # params + gradients + optimizer + activations
   compiled = {}
   if compile_program:
@@ -109,14 +84,15 @@ def plan(config, compile_program=True):
   unsharded = unsharded_large_params(abstract["params"], state_shardings["params"])
   return {
       "model": config.model.size,
+      "family": config.model.family,
+      "objective": config.objective,
       "image_size": list(config.image_size),
       "mesh": dict(mesh.shape),
       "batch_size": config.batch_size,
       "per_device_batch": per_device_batch,
       "peak_learning_rate": optim.learning_rate(config),
-      "encoder_params": count(abstract["params"]["encoder"]),
-      "decoder_params": count(abstract["params"]["decoder"]),
-      "paper_flops": paper_flops(config),
+      **{f"{group}_params": count(tree) for group, tree in abstract["params"].items()},
+      "paper_flops": models.family(config.model).paper_flops(config.model, config.image_size),
       "train_flops_per_step": flops,
       "flops_per_example": flops / config.batch_size,
       "param_bytes_per_device": param_bytes,

@@ -7,6 +7,8 @@ label size, as the reference does before every dense loss.
 import jax
 import jax.numpy as jnp
 
+from sapiens_jax.data import dense_transforms
+
 
 def resize_to(x, hw):
   """(B, h, w, C) -> (B, H, W, C) float32, bilinear with half-pixel centres and no antialiasing:
@@ -104,7 +106,6 @@ def silog_loss(pred, target, eps=1e-6, variance_focus=0.5):
   return jnp.mean(_safe_sqrt(mean_sq - variance_focus * jnp.square(mean)))
 
 
-NORMAL_INVALID_BELOW = -100.0  # background normals are set to -1000 (§7)
 NORMALIZE_EPS = 1e-6
 
 
@@ -131,7 +132,7 @@ def normal_loss_terms(pred, target):
     raise ValueError(f"normal prediction must have 3 channels, got shape {pred.shape}")
   pred = resize_to(pred, target.shape[1:3])
   target = jnp.asarray(target, jnp.float32)
-  valid = target[..., 0] > NORMAL_INVALID_BELOW
+  valid = dense_transforms.normal_foreground(target)
   count = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
   cosine = jnp.sum(_unit(pred) * _unit(target), axis=-1)
   cosine_loss = jnp.sum(jnp.where(valid, 1.0 - cosine, 0.0)) / count

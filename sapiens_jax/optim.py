@@ -4,15 +4,13 @@ Weight decay applies to kernels only (linear and conv weights); biases, norms, p
 embeddings, the cls token and the mask token are not decayed. Parameters named in
 `config.optim.frozen` (MAE's fixed sin-cos embeddings) get updates of exactly zero.
 """
-import re
-
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sapiens_jax import vit
+from sapiens_jax import models
 
 SCHEDULES = ("cosine", "linear", "multistep")
 
@@ -69,29 +67,21 @@ def frozen_labels(params, frozen):
   return _label_leaves(params, lambda name: "frozen" if name in frozen else "train")
 
 
-def layer_decay_multipliers(params, rate, depth):
-  """lr multiplier per parameter, rate ** (depth + 1 - layer_id), with the reference's layer ids:
-  encoder patch/position/cls embeddings 0, encoder block i -> i + 1, everything else (the
-  encoder's final norm and the head) depth + 1. Scanned blocks get one multiplier per row."""
+def layer_decay_multipliers(params, rate, family, depth):
+  """lr multiplier per parameter, rate ** (depth + 1 - layer id), with the backbone family's
+  layer ids (the reference's: embeddings 0, block i -> i + 1, final norm depth + 1); everything
+  outside the encoder (the head) gets depth + 1. Scanned blocks get one multiplier per row."""
   def multiplier(path, leaf):
     names = [getattr(p, "key", None) for p in path]
-    if names[0] != "encoder":
-      return np.float32(1.0)
-    if names[1] in ("patch_embed", "pos_embed", "cls_token"):
-      return np.float32(rate ** (depth + 1))
-    block = re.fullmatch(r"layers_(\d+)", names[1])
-    if block:
-      return np.float32(rate ** (depth - int(block.group(1))))
-    if names[1] == "layers":  # nn.scan stacks the blocks on axis 0
-      return (rate ** (depth - np.arange(depth))).astype(np.float32).reshape(depth, *[1] * (leaf.ndim - 1))
-    return np.float32(1.0)
+    layer = family.layer_id(names[1:], leaf, depth) if names[0] == "encoder" else depth + 1
+    return (rate ** (depth + 1 - np.asarray(layer))).astype(np.float32)
   return jax.tree_util.tree_map_with_path(multiplier, params)
 
 
-def scale_by_layer_decay(rate, depth):
+def scale_by_layer_decay(rate, family, depth):
   def update(updates, state, params=None):
     del params
-    multipliers = layer_decay_multipliers(updates, rate, depth)
+    multipliers = layer_decay_multipliers(updates, rate, family, depth)
     return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, multipliers), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -121,6 +111,6 @@ def make_optimizer(config):
                              lambda params: frozen_labels(params, frozen))
   if o.layer_decay == 1.0:
     return tx
-  depth = vit.size_dims(config.model.size)[1]
+  family = models.family(config.model)
   # Scaling the whole AdamW step (decay term included) is what a per-group lr does in PyTorch.
-  return optax.chain(tx, scale_by_layer_decay(o.layer_decay, depth))
+  return optax.chain(tx, scale_by_layer_decay(o.layer_decay, family, family.num_layers(config.model)))

@@ -3,7 +3,8 @@ r"""Run a trained checkpoint on your own photos.
   python -m sapiens_jax.predict --workdir=DIR --input=IMAGE_OR_DIR --output=DIR \
       [--boxes=BOXES.json] [--step=N] [--task=features] [--batch_size=8]
 
-Writes, per image STEM (shared sapiens_v1.md section 8):
+Writes, per image STEM, what the run's task writes (shared sapiens_v1.md section 8; each task
+module's `write_prediction` says which files):
   pose:     STEM_pose.png (skeletons), and keypoints.json for all images in the COCO result format
             [{file_name, category_id 1, bbox, keypoints [x, y, score] * K, score}]. Each person box
             is cropped as in evaluation (padded 1.25, 3:4, UDP warp) and flip-tested; without
@@ -12,7 +13,8 @@ Writes, per image STEM (shared sapiens_v1.md section 8):
   depth:    STEM_depth.npy (float32 (H, W) relative depth) and STEM_depth.png (inferno colours).
   normal:   STEM_normal.npy (float32 (H, W, 3) unit normals) and STEM_normal.png.
   features: STEM_features.npy, float32 (C, H/16, W/16) final-norm patch features; works on any run,
-            pretraining included (the cls token is attended to, then dropped, as the original).
+            pretraining included (prefix tokens such as the cls token are attended to, then
+            dropped, as the original).
 Dense tasks stretch the image to the run's image size (no aspect kept) and resize the network's
 outputs back to the original size (bilinear, before the argmax / renormalisation). Unreadable
 images are named in a warning and skipped.
@@ -24,42 +26,35 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from sapiens_jax import evaluate
-from sapiens_jax import export
-from sapiens_jax import heads
-from sapiens_jax import train
-from sapiens_jax import visualize
-from sapiens_jax import vit
+from sapiens_jax import checkpoint
+from sapiens_jax import objectives
+from sapiens_jax import tasks
 from sapiens_jax import writers
-from sapiens_jax.data import meta
-from sapiens_jax.data import pose_transforms
 from sapiens_jax.data import transforms
+from sapiens_jax.models import layers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-KEYPOINTS_FILE = "keypoints.json"
+FEATURES = "features"  # --task for any run: the backbone's patch features
 
 
 def load_run(workdir, step=None):
   """(config, params on the default device) of checkpoint `step` (default: the newest) of a run."""
-  params, step = export.restore_params(workdir, step)
-  manager, _ = export.checkpoint_steps(workdir)
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(saved), jax.device_put(params)
+  params, config, _ = checkpoint.restore_params(workdir, step)
+  return config, jax.device_put(params)
 
 
 def check_task(config, task):
   """The task to predict: `task`, or the run's own (features for a pretraining run)."""
-  default = "features" if config.task == "mae" else config.task
-  task = task or default
-  if task not in ("features", default):
-    raise ValueError(f"a {config.task} run predicts {default} or features, not {task!r}")
+  own = objectives.get(config).predict_task(config)
+  task = task or own or FEATURES
+  if task not in (own, FEATURES):
+    can = f"{own} or {FEATURES}" if own else FEATURES
+    raise ValueError(f"a {own or config.objective} run predicts {can}, not {task!r}")
   return task
 
 
@@ -68,19 +63,21 @@ def _network(config_json, task):
   """The jitted (params, uint8 images) -> outputs of `task`, one per run config (compiled once per
   shape); images are normalised inside, on the device, as in training."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  if task == "features":
-    # An MAE encoder attends to its cls token; a fine-tuned one has none (reference section 8).
-    with_cls = config.task == "mae"
-    encoder = vit.vit_from_config(config.model, config.image_size, use_cls_token=with_cls)
+  objective = objectives.get(config)
+  if task == FEATURES:
+    encoder = objective.encoder(config)
 
     def features(params, images):
-      tokens = encoder.apply({"params": params["encoder"]}, transforms.normalize(images))[:, int(with_cls):]
-      return jnp.moveaxis(heads.tokens_to_map(tokens, encoder.grid), -1, 1).astype(jnp.float32)
+      tokens = encoder.apply({"params": params["encoder"]}, transforms.normalize(images))
+      patch_tokens = tokens[:, encoder.num_prefix_tokens:]
+      return jnp.moveaxis(layers.tokens_to_map(patch_tokens, encoder.grid), -1, 1).astype(jnp.float32)
     return jax.jit(features)
-  model = train.build_model(config)
-  if task == "pose":
-    return jax.jit(functools.partial(evaluate.predict, model=model, config=config))
-  return jax.jit(lambda params, images: model.apply({"params": params}, transforms.normalize(images)))
+  model = objective.build_model(config)
+
+  def outputs(params, images):
+    forward = lambda x: model.apply({"params": params}, x)
+    return tasks.get(task).predict_outputs(forward, transforms.normalize(images), config)
+  return jax.jit(outputs)
 
 
 def run_network(config, params, task, inputs, batch_size):
@@ -100,54 +97,18 @@ def whole_image_box(image):
 
 
 def network_inputs(config, task, image, boxes):
-  """(inputs, crops): one uint8 network input per person box (pose) or per image."""
-  height, width = config.image_size
-  if task != "pose":
-    stretched = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    return [stretched], None
-  crops = [pose_transforms.topdown_eval_sample(image, box, input_size=(width, height)) for box in boxes]
-  return [c["image"] for c in crops], crops
+  """(inputs, context): the network inputs of one image (one per person box, for a task that
+  crops people) and what `finish` needs to map outputs back."""
+  if task == FEATURES:
+    return [transforms.stretch(image, config.image_size)], None
+  return tasks.get(task).predict_inputs(config, image, boxes)
 
 
-def resize_labels(logits, height, width):
-  """Argmax of the logits resized (bilinear, half-pixel centres) to (height, width), a channel at a
-  time, so a large photo never holds all C resized channels at once."""
-  best = np.full((height, width), -np.inf, np.float32)
-  labels = np.zeros((height, width), np.uint8)
-  for c in range(logits.shape[-1]):
-    channel = cv2.resize(np.ascontiguousarray(logits[..., c], np.float32), (width, height),
-                         interpolation=cv2.INTER_LINEAR)
-    better = channel > best  # strict: ties keep the lower class, as argmax
-    labels[better], best[better] = c, channel[better]
-  return labels
-
-
-def resize_map(outputs, height, width):
-  """(h, w, C) float outputs -> (height, width, C), bilinear with half-pixel centres."""
-  resized = cv2.resize(np.asarray(outputs, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-  return resized.reshape(height, width, outputs.shape[-1])
-
-
-def finish(config, task, image, outputs, crops):
+def finish(config, task, image, outputs, context):
   """One image's network outputs -> its predictions, as predict_image returns them."""
-  height, width = image.shape[:2]
-  if task == "pose":
-    if not crops:  # no person box given for this image
-      count = meta.skeleton(config.data.labels).num_keypoints
-      return {"keypoints": np.zeros((0, count, 2), np.float32), "keypoint_scores": np.zeros((0, count), np.float32)}
-    size = tuple(config.image_size)[::-1]
-    keypoints, scores = evaluate.keypoints_from_heatmaps(
-        outputs, [c["center"] for c in crops], [c["scale"] for c in crops], size)
-    return {"keypoints": keypoints, "keypoint_scores": scores}
-  if task == "features":
+  if task == FEATURES:
     return {"features": outputs[0]}
-  if task == "seg":
-    return {"labels": resize_labels(outputs[0], height, width)}
-  resized = resize_map(outputs[0], height, width)
-  if task == "depth":
-    return {"depth": resized[..., 0]}
-  length = np.linalg.norm(resized, axis=-1, keepdims=True)
-  return {"normals": resized / np.maximum(length, visualize.NORMAL_EPS)}
+  return tasks.get(task).finish(config, image, outputs, context)
 
 
 def predict_image(config, params, image, boxes=None, task=None, batch_size=8):
@@ -159,9 +120,9 @@ def predict_image(config, params, image, boxes=None, task=None, batch_size=8):
   """
   task = check_task(config, task)
   boxes = [whole_image_box(image)] if boxes is None else boxes
-  inputs, crops = network_inputs(config, task, image, boxes)
+  inputs, context = network_inputs(config, task, image, boxes)
   outputs = run_network(config, params, task, inputs, batch_size)
-  return finish(config, task, image, outputs, crops)
+  return finish(config, task, image, outputs, context)
 
 
 def image_files(path):
@@ -202,38 +163,13 @@ def read_image(path):
     return transforms.decode_image(f.read(), path)
 
 
-def pose_results(file_name, boxes, prediction):
-  """COCO result records of one image; the score is the mean of its confident keypoints, as in
-  evaluation."""
-  return [evaluate.pose_result(xy, scores, file_name=file_name, bbox=[float(v) for v in box])
-          for box, xy, scores in zip(boxes, prediction["keypoints"], prediction["keypoint_scores"])]
-
-
-def write_outputs(config, task, output, path, image, boxes, prediction):
-  """The files of one image (see the module doc); returns its pose records (else [])."""
+def write_outputs(config, task, output, path, image, prediction, context):
+  """The files of one image (see the module doc); returns its records for the task's RECORDS_FILE."""
   stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
-  if task == "pose":
-    skeleton = meta.skeleton(config.data.labels)
-    picture = image
-    for xy, scores in zip(prediction["keypoints"], prediction["keypoint_scores"]):
-      picture = visualize.draw_pose(picture, xy, scores, skeleton)
-    visualize.save_png(stem + "_pose.png", picture)
-    return pose_results(os.path.basename(path), boxes, prediction)
-  if task == "features":
+  if task == FEATURES:
     np.save(stem + "_features.npy", prediction["features"])
-  elif task == "seg":
-    visualize.save_png(stem + "_seg.png", prediction["labels"])
-    palette = meta.seg_classes(config.data.labels).palette
-    visualize.save_png(stem + "_seg_overlay.png", visualize.overlay_parts(image, prediction["labels"], palette))
-  else:
-    everywhere = np.ones(image.shape[:2], bool)  # no person mask without a seg prediction
-    if task == "depth":
-      np.save(stem + "_depth.npy", prediction["depth"])
-      visualize.save_png(stem + "_depth.png", visualize.colorize_depth(prediction["depth"], everywhere))
-    else:
-      np.save(stem + "_normal.npy", prediction["normals"])
-      visualize.save_png(stem + "_normal.png", visualize.colorize_normals(prediction["normals"], everywhere))
-  return []
+    return []
+  return tasks.get(task).write_prediction(config, stem, os.path.basename(path), image, prediction, context)
 
 
 def predict_files(config, params, input_path, output, boxes=None, task=None, batch_size=8):
@@ -255,8 +191,8 @@ def predict_files(config, params, input_path, output, boxes=None, task=None, bat
     start = 0
     for item in pending:
       count = len(item["inputs"])
-      prediction = finish(config, task, item["image"], outputs[start:start + count], item["crops"])
-      records.extend(write_outputs(config, task, output, item["path"], item["image"], item["boxes"], prediction))
+      prediction = finish(config, task, item["image"], outputs[start:start + count], item["context"])
+      records.extend(write_outputs(config, task, output, item["path"], item["image"], prediction, item["context"]))
       written.append(os.path.basename(item["path"]))
       start += count
     pending.clear()
@@ -270,13 +206,14 @@ def predict_files(config, params, input_path, output, boxes=None, task=None, bat
       skipped.append(os.path.basename(path))
       continue
     image_boxes = (boxes or {}).get(os.path.basename(path), [whole_image_box(image)])
-    inputs, crops = network_inputs(config, task, image, image_boxes)
-    pending.append({"path": path, "image": image, "boxes": image_boxes, "inputs": inputs, "crops": crops})
+    inputs, context = network_inputs(config, task, image, image_boxes)
+    pending.append({"path": path, "image": image, "inputs": inputs, "context": context})
     if sum(len(item["inputs"]) for item in pending) >= batch_size:
       flush()
   flush()
-  if task == "pose":
-    with open(os.path.join(output, KEYPOINTS_FILE), "w") as f:
+  records_file = None if task == FEATURES else getattr(tasks.get(task), "RECORDS_FILE", None)
+  if records_file:
+    with open(os.path.join(output, records_file), "w") as f:
       json.dump(records, f)
   return written, skipped
 
@@ -286,9 +223,10 @@ def cli():
   workdir = flags.DEFINE_string("workdir", None, "Run directory whose checkpoints/ to read.")
   input_path = flags.DEFINE_string("input", None, "An image file, or a folder of images.")
   output = flags.DEFINE_string("output", None, "Folder for the predictions.")
-  boxes = flags.DEFINE_string("boxes", None, "Pose: JSON {file name: [[x, y, w, h], ...]}; default: whole image.")
+  boxes = flags.DEFINE_string("boxes", None, "Person boxes, for tasks that crop people: JSON {file name: "
+                              "[[x, y, w, h], ...]}; default: the whole image.")
   step = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
-  task = flags.DEFINE_enum("task", None, ["pose", "seg", "depth", "normal", "features"],
+  task = flags.DEFINE_enum("task", None, [*tasks.TASKS, FEATURES],
                            "What to predict; default: the run's task (features for a pretraining run).")
   batch_size = flags.DEFINE_integer("batch_size", 8, "Images (pose: people) per network call.")
   flags.mark_flags_as_required(["workdir", "input", "output"])

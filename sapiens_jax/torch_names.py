@@ -1,109 +1,79 @@
-"""The one mapping between our parameter tree and the original Sapiens PyTorch state-dict keys.
+"""Our parameter trees <-> PyTorch state dicts under the original key names, both ways, bit for bit.
 
-Both directions read the same table, so export and import cannot drift apart: `to_torch` turns
-`{"encoder": ..., "decoder": ...}` into `{"layers.0.attn.qkv.weight": array, ...}` and `from_torch`
-undoes it bit for bit. Layouts (reference §2): Linear weights are (out, in), the patch conv is
-(C, 3, p, p), and the fused qkv / proj weights are plain (3C, C) / (C, C) matrices whose rows or
-columns run over heads contiguously. Scanned blocks (`config.model.scan_layers`: one subtree with
-a leading depth axis) are written as the separate `layers.{i}` they stand for. Every parameter
-must be mapped and every key consumed, so a parameter added to the model without an entry here
-is an error, not a silently dropped weight.
+A model's parameters come in groups (`encoder`, `decoder`, `head`); each group is a `Part`: its
+key prefix in the state dict and a function listing its entries (path in our tree, PyTorch key,
+layout). The backbone family, the objective and the task each name their own group's entries,
+next to the modules they name; this file only applies them. Both directions read the same
+entries, so export and import cannot drift apart, and every parameter must be named and every
+key consumed: a parameter added without an entry is an error, not a silently dropped weight.
 
-Task heads (`head.*` for pose, `decode_head.*` for seg/depth/normal) have their own pair,
-`head_to_torch` / `head_from_torch`, over the same layouts.
+Layouts (sapiens_v1.md §2): Linear weights are (out, in), convolutions (out, in, kh, kw), the
+fused qkv / proj weights plain (3C, C) / (C, C) matrices whose rows or columns run over heads
+contiguously. Scanned blocks (one subtree stacked on a leading depth axis) are written as the
+separate `name_{i}` blocks they stand for. Import reshapes to the target model's own shapes, so
+it needs no head counts.
 """
 import re
+from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
-NECK_PREFIX = "neck."  # the MAE decoder's keys in the original full MAE state dict
-HEAD_PREFIXES = ("head.", "decode_head.")  # task heads: mmpose's and mmseg's
+# The parts of the upstream checkpoints besides the backbone: mmpretrain's MAE neck, mmpose's
+# head and mmseg's decode head.
+PART_PREFIXES = ("neck.", "head.", "decode_head.")
 
-# layout: (ours -> torch, torch -> ours given the number of heads). Pure transposes and reshapes,
-# so a roundtrip is exact.
-_LAYOUTS = {
-    "same": (lambda x: x, lambda t, heads: t),
+# layout: (ours -> torch, torch -> ours of the given shape). Pure transposes and reshapes.
+LAYOUTS = {
+    "same": (lambda x: x, lambda t, shape: t),
+    "reshape": (lambda x: x.reshape(-1), lambda t, shape: t.reshape(shape)),
     # Dense kernel (in, out) <-> Linear weight (out, in).
-    "linear": (lambda k: k.T, lambda w, heads: w.T),
+    "linear": (lambda k: k.T, lambda w, shape: w.T),
     # Conv kernel (kh, kw, in, out) <-> Conv2d weight (out, in, kh, kw).
-    "conv": (lambda k: k.transpose(3, 2, 0, 1), lambda w, heads: w.transpose(2, 3, 1, 0)),
+    "conv": (lambda k: k.transpose(3, 2, 0, 1), lambda w, shape: w.transpose(2, 3, 1, 0)),
     # (C, 3, heads, hd) <-> (3C, C): output rows q|k|v, each heads x hd.
-    "qkv_kernel": (lambda k: k.reshape(k.shape[0], -1).T,
-                   lambda w, heads: w.T.reshape(w.shape[1], 3, heads, -1)),
-    "qkv_bias": (lambda b: b.reshape(-1), lambda b, heads: b.reshape(3, heads, -1)),
+    "qkv_kernel": (lambda k: k.reshape(k.shape[0], -1).T, lambda w, shape: w.T.reshape(shape)),
     # (heads, hd, C) <-> (C, C): input columns heads x hd.
-    "proj_kernel": (lambda k: k.reshape(-1, k.shape[-1]).T,
-                    lambda w, heads: w.T.reshape(heads, -1, w.shape[0])),
+    "proj_kernel": (lambda k: k.reshape(-1, k.shape[-1]).T, lambda w, shape: w.T.reshape(shape)),
 }
 
 
-def _norm(ours, theirs):
+class Part(NamedTuple):
+  """One parameter group of a model and where it lives in a PyTorch state dict."""
+  group: str  # key in the params tree
+  prefix: str  # of its PyTorch keys
+  entries: Callable  # unscanned group params -> [(path tuple, key without prefix, layout)]
+  scanned: str = ""  # name of an nn.scan subtree of blocks, if any (written as `name_{i}`)
+  # init_from: a file without this part (or, with fresh_if_misfit, with one of other shapes)
+  # leaves it freshly initialised, with a warning, instead of failing.
+  fresh_if_absent: bool = False
+  fresh_if_misfit: bool = False
+
+
+def norm_entries(ours, theirs):
   return [((*ours, "scale"), f"{theirs}.weight", "same"), ((*ours, "bias"), f"{theirs}.bias", "same")]
 
 
-def _dense(ours, theirs):
+def dense_entries(ours, theirs):
   return [((*ours, "kernel"), f"{theirs}.weight", "linear"), ((*ours, "bias"), f"{theirs}.bias", "same")]
 
 
-def _block_entries(ours, theirs):
-  """One pre-norm transformer block; `ours`/`theirs` are its name in each tree."""
-  entries = _norm((ours, "ln1"), f"{theirs}.ln1") + _norm((ours, "ln2"), f"{theirs}.ln2")
-  entries += [((ours, "attn", name), f"{theirs}.attn.{key}", layout) for name, key, layout in (
-      ("qkv_kernel", "qkv.weight", "qkv_kernel"), ("qkv_bias", "qkv.bias", "qkv_bias"),
-      ("proj_kernel", "proj.weight", "proj_kernel"), ("proj_bias", "proj.bias", "same"))]
-  entries += _dense((ours, "ffn", "fc1"), f"{theirs}.ffn.layers.0.0")
-  entries += _dense((ours, "ffn", "fc2"), f"{theirs}.ffn.layers.1")
-  return entries
+def stand_ins(tree):
+  """Shape-only stand-ins for a (possibly abstract) tree: arrays of a zero-byte dtype, which can
+  be sliced and mapped at no memory cost, even for a 2B model."""
+  return jax.tree.map(lambda a: np.empty(a.shape, np.dtype([])), tree)
 
 
-def _backbone_entries(depth, cls_token):
-  """(path in params["encoder"], torch key without prefix, layout) for the ViT."""
-  entries = [(("patch_embed", "kernel"), "patch_embed.projection.weight", "conv"),
-             (("patch_embed", "bias"), "patch_embed.projection.bias", "same"),
-             (("pos_embed",), "pos_embed", "same")]
-  if cls_token:
-    entries.append((("cls_token",), "cls_token", "same"))
-  for i in range(depth):
-    entries += _block_entries(f"layers_{i}", f"layers.{i}")
-  return entries + _norm(("ln1",), "ln1")
-
-
-def _neck_entries(depth):
-  """(path in params["decoder"], torch key without `neck.`, layout) for the MAE decoder."""
-  entries = _dense(("decoder_embed",), "decoder_embed")
-  entries += [(("mask_token",), "mask_token", "same"), (("decoder_pos_embed",), "decoder_pos_embed", "same")]
-  for j in range(depth):
-    entries += _block_entries(f"decoder_blocks_{j}", f"decoder_blocks.{j}")
-  return entries + _norm(("ln1",), "ln1") + _dense(("decoder_pred",), "decoder_pred")
-
-
-def _count(names, pattern):
-  """Number of blocks: 1 + the largest index captured by `pattern` among `names` (0 if none)."""
-  found = [int(m.group(1)) for m in map(re.compile(pattern).fullmatch, names) if m]
-  return max(found) + 1 if found else 0
-
-
-def _unscan(tree, name):
-  """Scanned blocks (subtree `name`, every leaf stacked on axis 0) -> `name_0`, `name_1`, ..."""
-  if name not in tree:
-    return tree
-  stacked = _flat(tree[name])
-  out = {k: v for k, v in tree.items() if k != name}
-  for i in range(len(next(iter(stacked.values())))):
-    out[f"{name}_{i}"] = _nest({path: leaf[i] for path, leaf in stacked.items()})
+def flatten(tree, path=()):
+  if not isinstance(tree, dict):
+    return {path: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, (*path, k)))
   return out
 
 
-def _scan(tree, name, depth):
-  """The inverse of `_unscan`: `name_0` ... `name_{depth-1}` -> one subtree `name` stacked on axis 0."""
-  if not depth:
-    return tree
-  blocks = [_flat(tree.pop(f"{name}_{i}")) for i in range(depth)]
-  tree[name] = _nest({path: np.stack([b[path] for b in blocks]) for path in blocks[0]})
-  return tree
-
-
-def _nest(flat):
+def nest(flat):
   tree = {}
   for path, leaf in flat.items():
     node = tree
@@ -113,131 +83,64 @@ def _nest(flat):
   return tree
 
 
-def _flat(tree, path=()):
-  if not isinstance(tree, dict):
-    return {path: tree}
+def unscan(tree, name):
+  """Scanned blocks (subtree `name`, every leaf stacked on axis 0) -> `name_0`, `name_1`, ..."""
+  if not name or name not in tree:
+    return tree
+  stacked = flatten(tree[name])
+  out = {k: v for k, v in tree.items() if k != name}
+  for i in range(len(next(iter(stacked.values())))):
+    out[f"{name}_{i}"] = nest({path: leaf[i] for path, leaf in stacked.items()})
+  return out
+
+
+def rescan(tree, name):
+  """The inverse of `unscan`: `name_0` ... `name_{n-1}` -> one subtree `name` stacked on axis 0."""
+  blocks = []
+  while f"{name}_{len(blocks)}" in tree:
+    blocks.append(flatten(tree.pop(f"{name}_{len(blocks)}")))
+  tree[name] = nest({path: np.stack([b[path] for b in blocks]) for path in blocks[0]})
+  return tree
+
+
+def to_torch(params, parts):
+  """Our params -> flat {PyTorch key: numpy array} (dtype kept), the groups of `parts` in order."""
   out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, (*path, k)))
-  return out
-
-
-def _export(entries, tree, prefix, what):
-  flat = _flat(tree)
-  unmapped = sorted("/".join(p) for p in set(flat) - {path for path, _, _ in entries})
-  if unmapped:
-    raise ValueError(f"{what} parameters with no PyTorch name in torch_names: {unmapped}")
-  return {prefix + key: np.ascontiguousarray(_LAYOUTS[layout][0](np.asarray(flat[path])))
-          for path, key, layout in entries}
-
-
-def head_prefix(head_params):
-  """The head's key prefix in the original task checkpoints: mmpose's `head.` (pose, whose last
-  layer is `final_layer`) or mmseg's `decode_head.` (seg, depth, normal: `conv_seg`)."""
-  return "head." if "final_layer" in head_params else "decode_head."
-
-
-def to_torch(params, prefix="", include_decoder=True):
-  """Our params -> flat {original Sapiens key: numpy array} (dtype kept).
-
-  Encoder keys get `prefix` ("" as in the released `_clean` pretrain files, "backbone." as inside
-  full MAE and task checkpoints); the decoder, if present and wanted, gets `neck.`; a task head
-  gets `head.` or `decode_head.` (see `head_prefix`).
-  """
-  unknown = sorted(set(params) - {"encoder", "decoder", "head"})
-  if unknown:
-    raise ValueError(f"parameter groups {unknown} have no PyTorch names; expected encoder, decoder, head")
-  encoder = _unscan(params["encoder"], "layers")
-  out = _export(_backbone_entries(_count(encoder, r"layers_(\d+)"), "cls_token" in encoder),
-                encoder, prefix, "encoder")
-  if include_decoder and "decoder" in params:
-    decoder = _unscan(params["decoder"], "decoder_blocks")
-    out.update(_export(_neck_entries(_count(decoder, r"decoder_blocks_(\d+)")), decoder, NECK_PREFIX, "decoder"))
-  if "head" in params:
-    out.update(head_to_torch(params["head"], head_prefix(params["head"])))
-  return out
-
-
-def _import(entries, state_dict, prefix, heads):
-  missing = [prefix + key for _, key, _ in entries if prefix + key not in state_dict]
-  if missing:
-    raise KeyError(f"state dict lacks {len(missing)} expected keys: {missing[:8]}")
-  tree = _nest({path: np.ascontiguousarray(_LAYOUTS[layout][1](np.asarray(state_dict[prefix + key]), heads))
+  for part in parts:
+    tree = unscan(params[part.group], part.scanned)
+    entries = part.entries(tree)
+    flat = flatten(tree)
+    unmapped = sorted("/".join(p) for p in set(flat) - {path for path, _, _ in entries})
+    if unmapped:
+      raise ValueError(f"{part.group} parameters with no PyTorch name: {unmapped}")
+    out.update({part.prefix + key: np.ascontiguousarray(LAYOUTS[layout][0](np.asarray(flat[path])))
                 for path, key, layout in entries})
-  return tree, {prefix + key for _, key, _ in entries}
+  return out
 
 
-def from_torch(state_dict, num_heads, decoder_heads=None, prefix="", scan_layers=False):
-  """Flat {Sapiens key: array} -> our params (the inverse of `to_torch`, bit for bit).
-
-  Values may be numpy arrays or anything `np.asarray` reads (e.g. float32 CPU torch tensors).
-  The head counts are not recoverable from the weights, hence arguments. `neck.*` keys, if any,
-  become params["decoder"] and need `decoder_heads`; `head.*` / `decode_head.*` keys become
-  params["head"]. Keys that map to nothing are an error.
-  `scan_layers` stacks the blocks as a model built with `config.model.scan_layers` expects.
-  """
-  names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-  depth = _count(names, r"layers\.(\d+)\..*")
-  encoder, used = _import(_backbone_entries(depth, "cls_token" in names), state_dict, prefix, num_heads)
-  params = {"encoder": _scan(encoder, "layers", depth) if scan_layers else encoder}
-  neck = [k[len(NECK_PREFIX):] for k in state_dict if k.startswith(NECK_PREFIX)]
-  if neck:
-    if decoder_heads is None:
-      raise ValueError("state dict has neck.* (MAE decoder) keys: pass decoder_heads to convert them")
-    neck_depth = _count(neck, r"decoder_blocks\.(\d+)\..*")
-    decoder, neck_used = _import(_neck_entries(neck_depth), state_dict, NECK_PREFIX, decoder_heads)
-    params["decoder"] = _scan(decoder, "decoder_blocks", neck_depth) if scan_layers else decoder
-    used |= neck_used
-  for head in HEAD_PREFIXES:
-    if any(k.startswith(head) for k in state_dict):
-      params["head"] = head_from_torch(state_dict, head)
-      used |= {k for k in state_dict if k.startswith(head)}
+def from_torch(state_dict, target, parts):
+  """Flat {PyTorch key: array} -> params shaped like `target` (arrays or abstract), for the groups
+  of `parts`: the inverse of `to_torch`, bit for bit. Values may be numpy arrays or anything
+  `np.asarray` reads. A missing key, or a key of these parts that maps to nothing, is an error."""
+  params, used = {}, set()
+  for part in parts:
+    tree = unscan(stand_ins(target[part.group]), part.scanned)
+    flat = flatten(tree)
+    entries = part.entries(tree)
+    missing = [part.prefix + key for _, key, _ in entries if part.prefix + key not in state_dict]
+    if missing:
+      raise KeyError(f"state dict lacks {len(missing)} {part.group} keys: {missing[:8]}")
+    group = nest({path: np.ascontiguousarray(LAYOUTS[layout][1](
+        np.asarray(state_dict[part.prefix + key]), flat[path].shape)) for path, key, layout in entries})
+    params[part.group] = rescan(group, part.scanned) if part.scanned in target[part.group] else group
+    used |= {part.prefix + key for _, key, _ in entries}
   unexpected = sorted(set(state_dict) - used)
   if unexpected:
-    raise KeyError(f"state dict has {len(unexpected)} keys with no parameter (prefix={prefix!r}): {unexpected[:8]}")
+    raise KeyError(f"state dict has {len(unexpected)} keys with no parameter: {unexpected[:8]}")
   return params
 
 
-# Task heads (reference §2.4): `deconv_layers_{i}` / `conv_layers_{i}` (i = torch Sequential index 0, 3, ...)
-# and the final 1x1 conv, named as in torch (`final_layer` for pose, `conv_seg` for seg/depth/normal).
-# Deconv kernels are Flax transpose_kernel (4, 4, out, in) and torch (in, out, 4, 4): the same
-# transpose as a conv, so both use the "conv" layout. Deconvs have no bias.
-HEAD_FINAL_LAYERS = ("final_layer", "conv_seg")
-_HEAD_STAGE = re.compile(r"(deconv_layers|conv_layers)_(\d+)")
-
-
-def _head_entries(layer_names):
-  """(path in the head params, torch key without prefix, layout) for the named head layers.
-
-  Names that are no head layer get no entry, so the caller reports them as unmapped.
-  """
-  entries = []
-  for name in sorted(layer_names):
-    stage = _HEAD_STAGE.fullmatch(name)
-    if not stage and name not in HEAD_FINAL_LAYERS:
-      continue
-    theirs = f"{stage.group(1)}.{stage.group(2)}" if stage else name
-    entries.append(((name, "kernel"), f"{theirs}.weight", "conv"))
-    if not name.startswith("deconv_layers"):
-      entries.append(((name, "bias"), f"{theirs}.bias", "same"))
-  return entries
-
-
-def head_to_torch(head_params, prefix):
-  """A head's params -> {prefix + torch key: array}; prefix "head." (pose) or "decode_head." (others)."""
-  return _export(_head_entries(head_params), head_params, prefix, "head")
-
-
-def head_from_torch(state_dict, prefix):
-  """The `prefix`ed keys of a task checkpoint -> the head's params (the inverse of `head_to_torch`,
-  bit for bit). Keys without the prefix (the backbone) are left alone; prefixed keys that map to
-  nothing are an error."""
-  keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-  if not keys:
-    raise KeyError(f"state dict has no head keys with prefix {prefix!r}")
-  layers = {re.sub(r"\.(\d+)$", r"_\1", k.rsplit(".", 1)[0]) for k in keys}
-  tree, used = _import(_head_entries(layers), state_dict, prefix, None)
-  unexpected = sorted({prefix + k for k in keys} - used)
-  if unexpected:
-    raise KeyError(f"state dict has {len(unexpected)} head keys with no parameter (prefix={prefix!r}): {unexpected[:8]}")
-  return tree
+def count_blocks(keys, pattern):
+  """Number of blocks: 1 + the largest index captured by regex `pattern` among `keys` (0 if none)."""
+  found = [int(m.group(1)) for m in map(re.compile(pattern).fullmatch, keys) if m]
+  return max(found) + 1 if found else 0

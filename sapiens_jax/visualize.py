@@ -1,9 +1,7 @@
-"""Figures: MAE reconstructions, and pose / body-part / depth / normal targets and predictions.
-
-MAE: one row per example, original | masked input | reconstruction | (optionally) raw prediction,
-laid out as in the MAE and Sapiens papers. Tasks: one row per example, image | target | prediction,
-drawn as the reference's inference demos do (shared sapiens_v1.md §8). Everything runs in numpy
-and cv2 on host, uint8 RGB in and out; pass device arrays and they are fetched once.
+"""Pictures: tiles joined into rows and grids, and labels drawn as the reference's inference demos
+draw them (sapiens_v1.md §8): skeletons, part colours, depth and normal colour maps. The tasks and
+objectives compose their panels from these. Everything runs in numpy and cv2 on host, uint8 RGB
+in and out.
 """
 import os
 
@@ -11,83 +9,34 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from sapiens_jax.data import heatmaps as heatmap_codec
-from sapiens_jax.data import meta
-from sapiens_jax.data import transforms
-from sapiens_jax.patches import patchify, unpatchify
-
-_NORM_PIX_EPS = 1e-6  # must match the norm_pix loss target
-_GREY = 128
 _GAP = 4  # white pixels between tiles
 
 
-def _to_uint8(images):
-  """Normalised float images -> displayable uint8."""
-  return transforms.denormalize(images)
-
-
-def _unnormalize_pred(pred, target):
-  """Undoes the norm_pix target normalisation using the original patch's mean and unbiased var.
-
-  The model only learns each patch's shape, not its brightness or contrast, so the original
-  patch's statistics are needed to display it.
-  """
-  mean = target.mean(axis=-1, keepdims=True)
-  var = target.var(axis=-1, keepdims=True, ddof=1)
-  return pred * np.sqrt(var + _NORM_PIX_EPS) + mean
-
-
-def reconstruction_grid(images, pred, mask, patch_size, norm_pix, max_rows=8,
-                        include_prediction=False):
-  """Returns a uint8 (rows*H + gaps, cols*W + gaps, 3) figure for the first `max_rows` examples.
-
-  Args:
-    images: (B, H, W, 3) normalised input images.
-    pred: (B, N, p*p*3) decoder output, in `patchify` order.
-    mask: (B, N), 1 = masked (hidden from the encoder), 0 = visible.
-    patch_size: p.
-    norm_pix: whether `pred` predicts per-patch normalised pixels.
-    max_rows: at most this many examples are drawn.
-    include_prediction: adds a 4th column with the prediction in every patch, visible ones
-      included (the loss ignores those, so they show what the model does without supervision).
-  """
-  images = np.asarray(images[:max_rows], np.float32)
-  pred = np.asarray(pred[:max_rows], np.float32)
-  mask = np.asarray(mask[:max_rows]) > 0.5
-  grid_hw = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-
-  if norm_pix:
-    pred = _unnormalize_pred(pred, patchify(images, patch_size))
-  pred_image = _to_uint8(unpatchify(pred, patch_size, grid_hw))
-  original = _to_uint8(images)
-  patch_mask = np.broadcast_to(mask[..., None], pred.shape)
-  pixel_masked = unpatchify(patch_mask, patch_size, grid_hw)
-
-  columns = [
-      original,
-      np.where(pixel_masked, np.uint8(_GREY), original),
-      np.where(pixel_masked, pred_image, original),
-  ]
-  if include_prediction:
-    columns.append(pred_image)
-  return _tile([list(row) for row in zip(*columns)])
-
-
-def _tile(rows):
+def tile(rows):
   """Joins a list of rows of equally sized (H, W, 3) tiles with white gaps."""
   height, width, channels = rows[0][0].shape
   vertical_gap = np.full((height, _GAP, channels), 255, np.uint8)
   joined_rows = []
-  for row in rows:
-    tiles = [row[0]]
-    for tile in row[1:]:
-      tiles += [vertical_gap, tile]
-    joined_rows.append(np.concatenate(tiles, axis=1))
+  for tiles in rows:
+    joined = [tiles[0]]
+    for next_tile in tiles[1:]:
+      joined += [vertical_gap, next_tile]
+    joined_rows.append(np.concatenate(joined, axis=1))
   horizontal_gap = np.full((_GAP, joined_rows[0].shape[1], channels), 255, np.uint8)
   stacked = [joined_rows[0]]
-  for row in joined_rows[1:]:
-    stacked += [horizontal_gap, row]
+  for joined in joined_rows[1:]:
+    stacked += [horizontal_gap, joined]
   return np.concatenate(stacked, axis=0)
+
+
+def row(tiles):
+  """uint8 (H, W, 3) tiles of one size side by side with white gaps: one panel."""
+  tiles = [_check_image(t) for t in tiles]
+  height, width = tiles[0].shape[:2]
+  for t in tiles[1:]:
+    if t.shape[:2] != (height, width):
+      raise ValueError(f"every tile of a panel must be {height}x{width} like its image, got {t.shape[:2]}")
+  return tile([tiles])
 
 
 def stack_rows(panels, per_row=1):
@@ -96,16 +45,14 @@ def stack_rows(panels, per_row=1):
   per_row = min(per_row, len(panels))
   blank = np.full_like(panels[0], 255)
   padded = list(panels) + [blank] * (-len(panels) % per_row)
-  return _tile([padded[i:i + per_row] for i in range(0, len(padded), per_row)])
+  return tile([padded[i:i + per_row] for i in range(0, len(padded), per_row)])
 
 
-# ---------------------------------------------------------------- fine-tuning tasks
+# ---------------------------------------------------------------- drawing labels
 
 POSE_THRESHOLD = 0.3  # the reference demo's --kpt-thr
 SEG_OPACITY = 0.5
 DEPTH_BACKGROUND = 100  # grey level of non-person pixels in depth pictures
-NORMAL_EPS = 1e-5  # the reference demo's L2 normalisation of predicted normals
-_NORMAL_BACKGROUND_BELOW = -100  # normal targets mark background with -1000
 _SUBPIXEL_BITS = 4  # cv2 drawing takes fixed-point coordinates with this many fraction bits
 
 
@@ -199,67 +146,6 @@ def colorize_normals(normals, mask):
   foreground = np.asarray(mask, bool) & np.isfinite(normals).all(axis=-1)
   colors = np.clip((normals + 1) / 2 * 255, 0, 255)
   return np.where(foreground[..., None], colors, 0).astype(np.uint8)
-
-
-def _resize(outputs, height, width):
-  """Network outputs (h, w, C) -> (height, width, C), bilinear with half-pixel centres (as the
-  losses' and the reference's align_corners=False resize)."""
-  outputs = np.asarray(outputs, np.float32)
-  if outputs.ndim != 3:
-    raise ValueError(f"a prediction must be one example's (h, w, C) outputs, got shape {outputs.shape}")
-  resized = cv2.resize(outputs, (width, height), interpolation=cv2.INTER_LINEAR)
-  return resized.reshape(height, width, outputs.shape[-1])
-
-
-def _draw_pose_heatmaps(image, heatmaps, labels):
-  height, width = image.shape[:2]
-  keypoints, scores = heatmap_codec.decode(heatmaps, input_size=(width, height))
-  return draw_pose(image, keypoints, scores, meta.skeleton(labels))
-
-
-def task_panel(task, image, target=None, prediction=None, labels=""):
-  """One row [image | target drawn | prediction drawn] (either may be None and is then left out).
-
-  image: uint8 (H, W, 3) RGB. target: the pipeline's target for the task -- pose "heatmaps"
-  (h, w, K), seg "label" (H, W), depth "depth" (H, W) (background -1), normal "normal" (H, W, 3)
-  (background -1000). prediction: the model's raw output for one example -- pose heatmaps
-  (h, w, K), seg logits (h, w, C), depth (h, w, 1), normal (h, w, 3) -- resized to the image.
-  Depth and normal predictions are drawn on the target's person mask when there is a target
-  (the reference draws them on a segmentation mask), else everywhere.
-  labels: the skeleton (pose) or class set (seg) name, as config.data.labels.
-  """
-  image = _check_image(image)
-  height, width = image.shape[:2]
-  tiles = [image]
-  if task == "pose":
-    tiles += [_draw_pose_heatmaps(image, x, labels) for x in (target, prediction) if x is not None]
-  elif task == "seg":
-    palette = meta.seg_classes(labels).palette
-    if target is not None:
-      tiles.append(overlay_parts(image, target, palette))
-    if prediction is not None:
-      tiles.append(overlay_parts(image, _resize(prediction, height, width).argmax(-1), palette))
-  elif task in ("depth", "normal"):
-    mask = np.ones((height, width), bool)
-    if target is not None:
-      target = np.asarray(target, np.float32)
-      _check_map(f"{task} target", target, height, width)
-      if task == "depth":
-        mask = target >= 0
-        tiles.append(colorize_depth(target, mask))
-      else:
-        mask = (target > _NORMAL_BACKGROUND_BELOW).all(axis=-1)
-        tiles.append(colorize_normals(target, mask))
-    if prediction is not None:
-      prediction = _resize(prediction, height, width)
-      if task == "depth":
-        tiles.append(colorize_depth(prediction[..., 0], mask))
-      else:
-        length = np.linalg.norm(prediction, axis=-1, keepdims=True)
-        tiles.append(colorize_normals(prediction / np.maximum(length, NORMAL_EPS), mask))
-  else:
-    raise ValueError(f"no task panel for task {task!r}; expected pose, seg, depth or normal")
-  return _tile([tiles])
 
 
 def save_png(path, image_uint8):

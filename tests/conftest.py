@@ -1,17 +1,23 @@
-"""Shared test settings: a tiny MAE config that trains in seconds on CPU."""
+"""Shared fixtures: tiny configs that train in seconds on CPU, and one rendered synthetic-humans
+dataset. Helper modules (torch_reference, photos, notebooks, mesh_runs) sit beside this file and
+import from any test folder."""
+import importlib.util
 import os
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+sys.path[:0] = [REPO, TESTS]
 
 from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
+from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture
 def tiny_config():
+  """A tiny MAE run: 2-block width-64 ViT on 64x64 generated images, 12 steps."""
   config = default_config.pretrain("tiny")
   config.image_size = (64, 64)
   config.batch_size = 8
@@ -27,3 +33,51 @@ def tiny_config():
   config.optim.warmup_steps = 2
   config.data.num_generated = 64
   return config
+
+
+def _synthetic_config(task):
+  """configs/synthetic.py:TASK."""
+  spec = importlib.util.spec_from_file_location("synthetic", os.path.join(REPO, "configs", "synthetic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(task)
+
+
+def _finetune_config(task):
+  """configs/synthetic.py:TASK, shrunk to seconds: a 2-block ViT on 64x48 images, 6 steps."""
+  c = _synthetic_config(task)
+  c.model.size = "tiny"
+  c.image_size = (64, 48)
+  c.batch_size = c.eval_batch_size = 4
+  c.total_steps = 6
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = c.eval_every_steps = 3
+  c.model.head_channels = 16
+  c.optim.warmup_steps = 1
+  c.data.num_generated = 8
+  c.data.num_eval = 4
+  if task == "pose":
+    c.loss.heatmap_sigma = 1.0
+  return c
+
+
+@pytest.fixture(scope="session")
+def synthetic_config():
+  """The factory task -> configs/synthetic.py:TASK."""
+  return _synthetic_config
+
+
+@pytest.fixture(scope="session")
+def finetune_config():
+  """The factory task -> a tiny fine-tuning config (configs/synthetic.py:TASK shrunk)."""
+  return _finetune_config
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+  """One rendered tiny dataset (train and eval splits) that every task reads."""
+  root = tmp_path_factory.mktemp("synthetic")
+  config = _finetune_config("pose")
+  config.data.path = str(root)
+  pipeline.ensure_synthetic_data(config, "")
+  return str(root)

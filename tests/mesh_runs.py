@@ -13,10 +13,10 @@ import jax
 import numpy as np
 
 from sapiens_jax import default_config
-from sapiens_jax import mae
 from sapiens_jax import optim
 from sapiens_jax import sharding
-from sapiens_jax import train
+from sapiens_jax import step as train_step
+from sapiens_jax.objectives import mae
 
 STEPS = 3
 
@@ -42,9 +42,9 @@ def stack_blocks(params, prefix):
 
 
 def reference_params():
-  model = mae.mae_from_config(tiny_config({}))
-  return jax.device_get(nn.unbox(train.init_state(model, optim.make_optimizer(tiny_config({})),
-                                                  tiny_config({}), jax.random.key(0))["params"]))
+  model = mae.build_model(tiny_config({}))
+  return jax.device_get(nn.unbox(train_step.init_state(mae, model, optim.make_optimizer(tiny_config({})),
+                                                       tiny_config({}), jax.random.key(0))["params"]))
 
 
 def run(setting, params0, batches):
@@ -52,16 +52,16 @@ def run(setting, params0, batches):
   n = int(np.prod(config.mesh.values()))
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
   rules = sharding.rules(config)
-  model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
+  model, tx = mae.build_model(config), optim.make_optimizer(config)
   params = flax.core.unfreeze(jax.tree.map(np.array, params0))
   if config.model.scan_layers:
     stack_blocks(params["encoder"], "layers")
     stack_blocks(params["decoder"], "decoder_blocks")
-  abstract = train.abstract_train_state(model, tx, config, mesh, rules)
+  abstract = train_step.abstract_train_state(mae, model, tx, config, mesh, rules)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = {"step": np.zeros((), np.int32), "params": params, "opt_state": tx.init(params)}
   state = jax.device_put(state, shardings)
-  step = train.jit_train_step(model, tx, config, mesh, rules, shardings)
+  step = train_step.jit_train_step(mae, model, tx, config, mesh, rules, shardings)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   losses = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from sapiens_jax import checkpoint
-from sapiens_jax import export
-from sapiens_jax import mae
+from sapiens_jax import objectives
 from sapiens_jax import optim
 from sapiens_jax import sharding
-from sapiens_jax import train
+from sapiens_jax import step as train_step
 from sapiens_jax import writers
 from sapiens_jax.data import pipeline
 
@@ -51,10 +50,11 @@ def tiny_config(**overrides):
 
 
 def boxed_state(config):
-  """The train state of `config`'s model as train.create_train_state traces it: shapes and logical
+  """The train state of `config`'s model as step.abstract_train_state traces it: shapes and logical
   axis names, never allocated."""
-  model, tx = mae.mae_from_config(config), optim.make_optimizer(config)
-  init = functools.partial(train.init_state, model, tx, config)
+  objective = objectives.get(config)
+  model, tx = objective.build_model(config), optim.make_optimizer(config)
+  init = functools.partial(train_step.init_state, objective, model, tx, config)
   return jax.eval_shape(init, jax.random.key(config.seed))
 
 
@@ -166,8 +166,8 @@ def test_resumed_run_after_sigkills_repeats_the_uninterrupted_one_bitwise(uninte
   assert [loss for _, loss in final] == [reference[step] for step, _ in final]
   # Every step any killed attempt logged was exact too.
   assert all(loss == reference[step] for step, loss in loss_lines(workdir))
-  ours, step = export.restore_params(workdir)
-  theirs, _ = export.restore_params(uninterrupted)
+  ours, _, step = checkpoint.restore_params(workdir)
+  theirs, _, _ = checkpoint.restore_params(uninterrupted)
   assert step == STEPS
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
@@ -191,8 +191,9 @@ def restore_on_mesh(workdir, data, fsdp):
   abstract state as train_and_evaluate builds it, and its restore_newest; nothing is compiled."""
   config = tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp})
   mesh, rules = sharding.make_mesh(config.mesh, devices=jax.devices()[:data * fsdp]), sharding.rules(config)
-  abstract = train.abstract_train_state(mae.mae_from_config(config), optim.make_optimizer(config),
-                                        config, mesh, rules)
+  objective = objectives.get(config)
+  model, tx = objective.build_model(config), optim.make_optimizer(config)
+  abstract = train_step.abstract_train_state(objective, model, tx, config, mesh, rules)
   data_iter = pipeline.make_pretrain_iterator(config.data, image_size=tuple(config.image_size),
                                               batch_size=config.batch_size, seed=config.seed)
   step, state = checkpoint.restore_newest(checkpoint.make_manager(workdir, config), abstract, data_iter, config)
@@ -233,10 +234,10 @@ def test_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_for_export(uninte
   assert step == STEPS and not sharded_leaves(state)
   assert_bitwise(flat_state(state), saved)
   # The CPU-only export path: params only, shapes from the saved config.
-  params = {"['params']" + k: v for k, v in flat_state(export.restore_params(workdir)[0]).items()}
+  params = {"['params']" + k: v for k, v in flat_state(checkpoint.restore_params(workdir)[0]).items()}
   assert_bitwise(params, {k: v for k, v in saved.items() if k.startswith("['params']")})
   # ... and they are the parameters the 1-device run trained.
-  trained = {"['params']" + k: v for k, v in flat_state(export.restore_params(uninterrupted)[0]).items()}
+  trained = {"['params']" + k: v for k, v in flat_state(checkpoint.restore_params(uninterrupted)[0]).items()}
   assert_bitwise(params, trained)
 
 

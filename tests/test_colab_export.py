@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import notebooks
-from sapiens_jax import export
+from sapiens_jax import checkpoint
 from sapiens_jax import torch_names
-from sapiens_jax import vit
 from sapiens_jax import writers
+from sapiens_jax.models import sapiens
+from sapiens_jax.objectives import mae
 
 torch = pytest.importorskip("torch")  # the notebook needs it; CI installs the [torch] extra
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -51,9 +52,9 @@ def test_trains_checkpoints_and_exports_the_last_step(executed):
   assert max(r["step"] for r in writers.read_metrics(workdir)) == TOTAL_STEPS
   assert f"of step {TOTAL_STEPS} to {workdir / 'sapiens_backbone.pth'}" in text
   state_dict = torch.load(workdir / "sapiens_backbone.pth")
-  params, step = export.restore_params(workdir)
+  params, saved_config, step = checkpoint.restore_params(workdir)
   assert step == TOTAL_STEPS
-  expected = torch_names.to_torch(params, include_decoder=False)
+  expected = torch_names.to_torch(params, mae.torch_parts(saved_config, include_decoder=False))
   assert sorted(state_dict) == sorted(expected)
   for key, value in state_dict.items():
     np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
@@ -63,6 +64,6 @@ def test_trains_checkpoints_and_exports_the_last_step(executed):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  width, depth, heads = vit.SIZES[config.model.size]
-  reference = torch_reference.SapiensViT(width, depth, heads, tuple(config.image_size))
+  size = sapiens.SIZES[config.model.size]
+  reference = torch_reference.SapiensViT(size.width, size.depth, size.num_heads, tuple(config.image_size))
   reference.load_state_dict(state_dict, strict=True)

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from sapiens_jax import default_config
 from sapiens_jax import optim
-from sapiens_jax import vit
+from sapiens_jax import tasks
+from sapiens_jax.models import sapiens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE2 = {"0.3b": 98_304, "0.6b": 65_536, "1b": 40_960, "2b": 20_480}
@@ -21,7 +23,7 @@ def load(name):
 @pytest.mark.parametrize("size", sorted(TABLE2))
 def test_pretrain_configs_follow_the_paper(size):
   c = load(f"pretrain_{size}")
-  assert c.model.size == size and size in vit.SIZES
+  assert c.model.size == size and size in sapiens.SIZES
   assert tuple(c.image_size) == (1024, 1024) and c.model.patch_size == 16
   assert c.model.mask_ratio == 0.75 and c.model.norm_pix_loss
   assert (c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads) == (512, 8, 16)
@@ -62,11 +64,10 @@ FINETUNE = {
 @pytest.mark.parametrize("name", sorted(FINETUNE))
 @pytest.mark.parametrize("size", sorted(TABLE2))
 def test_finetune_configs_follow_the_reference(name, size):
-  from sapiens_jax import task_model  # pylint: disable=g-import-not-at-top
   c = load_with_arg(name, size)
   task, outputs, padding, lr = FINETUNE[name]
-  assert (c.task, c.model.size, tuple(c.image_size)) == (task, size, (1024, 768))
-  assert task_model.num_outputs(c) == outputs
+  assert (c.objective, c.task, c.model.size, tuple(c.image_size)) == ("finetune", task, size, (1024, 768))
+  assert tasks.get(task).make_head(c).out_channels == outputs
   assert c.model.patch_padding == padding
   assert optim.learning_rate(c) == pytest.approx(lr)
   assert (c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.grad_clip_norm) == (0.9, 0.999, 0.1, 1.0)
@@ -85,3 +86,38 @@ def test_synthetic_configs_are_small(task):
   c = load_with_arg("synthetic", task)
   assert c.task == task and c.data.source == "synthetic"
   assert c.model.size in ("small", "tiny") and max(c.image_size) <= 256
+
+
+def keys(config, skip=()):
+  """Every key path of a config, e.g. "optim.base_lr", leaving out the sections in `skip`."""
+  out = set()
+  for key, value in config.items():
+    if key in skip:
+      continue
+    out |= {f"{key}.{k}" for k in keys(value)} if hasattr(value, "items") else {key}
+  return out
+
+
+def test_every_finetune_config_has_the_same_keys_and_each_task_its_own_loss_keys():
+  """No generic code reads a key with .get: what one fine-tuning config has, all have; the task's
+  own settings sit in `loss`, the same for every config of that task."""
+  configs = {name: load_with_arg(name, "1b") for name in FINETUNE}
+  configs.update({f"synthetic_{t}": load_with_arg("synthetic", t) for t in ("pose", "seg", "depth", "normal")})
+  generic = {name: keys(c, skip=("loss",)) for name, c in configs.items()}
+  assert len({frozenset(k) for k in generic.values()}) == 1, generic
+  for task in ("pose", "seg", "depth", "normal"):
+    loss_keys = {frozenset(keys(c.loss)) for c in configs.values() if c.task == task}
+    assert len(loss_keys) == 1, (task, loss_keys)
+  assert keys(configs["pose_coco"].loss) == {"name", "ohkm_topk", "heatmap_sigma"}
+  assert "heatmap_sigma" not in configs["pose_coco"]
+  pretrain = {frozenset(keys(load(f"pretrain_{size}"))) for size in TABLE2}
+  assert len(pretrain) == 1 and "task" not in next(iter(pretrain))
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE))
+def test_dataset_reader_and_best_metric_are_separate_named_settings(name):
+  c = load_with_arg(name, "0.3b")
+  dataset = default_config.DATASETS[c.data.dataset]
+  assert c.data.source == "folder"  # the reader; the dataset's name is data.dataset
+  assert (dataset.task, dataset.labels, dataset.patch_padding) == (c.task, c.data.labels, c.model.patch_padding)
+  assert tasks.get(c.task).METRICS[c.best_metric] == ("min" if c.task in ("depth", "normal") else "max")

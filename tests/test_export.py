@@ -9,12 +9,16 @@ import jax
 import numpy as np
 import pytest
 
+from sapiens_jax import checkpoint
+from sapiens_jax import default_config
 from sapiens_jax import export
-from sapiens_jax import mae
+from sapiens_jax import objectives
 from sapiens_jax import torch_names
 from sapiens_jax import train
-from sapiens_jax import vit
 from sapiens_jax.data import transforms
+from sapiens_jax.models import sapiens
+from sapiens_jax.objectives import mae
+from sapiens_jax.prng import example_keys
 
 # torch is an optional extra (`pip install -e .[torch]`); CI installs it, so these tests run there.
 torch = pytest.importorskip("torch")
@@ -23,7 +27,8 @@ import photos  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIDTH, DEPTH, HEADS = vit.SIZES["tiny"]  # 64, 2, 4
+TINY = sapiens.SIZES["tiny"]
+WIDTH, DEPTH, HEADS = TINY.width, TINY.depth, TINY.num_heads  # 64, 2, 4
 
 # Reference §2.1, verbatim: every backbone key of one block, and the rest.
 SPEC_BLOCK_KEYS = ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
@@ -42,14 +47,27 @@ def randomize(params, seed=0):
   return jax.tree_util.tree_map_with_path(draw, params)
 
 
+def mae_config(image_size=(64, 48), scan_layers=False):
+  """A tiny MAE: 64 wide, 2 blocks; decoder 32 wide, 2 blocks."""
+  config = default_config.pretrain("tiny")
+  config.image_size = image_size
+  config.model.scan_layers = scan_layers
+  config.model.decoder_width, config.model.decoder_depth, config.model.decoder_heads = 32, 2, 2
+  return config
+
+
 def mae_params(image_size=(64, 48), scan_layers=False, seed=0):
-  """Random params of a tiny MAE (64 wide, 2 blocks; decoder 32 wide, 2 blocks)."""
-  encoder = vit.ViT(WIDTH, DEPTH, HEADS, image_size, scan_layers=scan_layers)
-  model = mae.MAE(encoder=encoder, decoder_width=32, decoder_depth=2, decoder_heads=2)
-  key = jax.random.key(0)
-  images = np.zeros((1, *image_size, 3), np.float32)
-  shapes = jax.eval_shape(lambda: model.init(key, images, mae.example_keys(key, 1)))
-  return randomize(nn.unbox(shapes["params"]), seed)
+  """Random params of the tiny MAE."""
+  config = mae_config(image_size, scan_layers)
+  model = mae.build_model(config)
+  shapes = jax.eval_shape(lambda: mae.init_params(model, config, jax.random.key(0)))
+  return randomize(nn.unbox(shapes), seed)
+
+
+def parts(prefix="", include_decoder=True):
+  """The MAE's PyTorch parts, the encoder under `prefix`."""
+  return [p._replace(prefix=prefix) if p.group == "encoder" else p
+          for p in mae.torch_parts(mae_config(), include_decoder)]
 
 
 def reference_models(image_size=(64, 48), with_cls_token=True, decoder_depth=2):
@@ -79,10 +97,11 @@ def assert_trees_equal(a, b):
 def test_roundtrip_is_bitwise_with_and_without_prefix():
   params = mae_params()
   for prefix in ("", "backbone."):
-    state_dict = torch_names.to_torch(params, prefix=prefix)
-    assert_trees_equal(torch_names.from_torch(state_dict, HEADS, decoder_heads=2, prefix=prefix), params)
-  backbone_only = torch_names.to_torch(params, include_decoder=False)
-  assert_trees_equal(torch_names.from_torch(backbone_only, HEADS), {"encoder": params["encoder"]})
+    state_dict = torch_names.to_torch(params, parts(prefix))
+    assert_trees_equal(torch_names.from_torch(state_dict, params, parts(prefix)), params)
+  backbone_only = torch_names.to_torch(params, parts(include_decoder=False))
+  assert_trees_equal(torch_names.from_torch(backbone_only, params, parts(include_decoder=False)),
+                     {"encoder": params["encoder"]})
 
 
 def test_scanned_blocks_are_written_as_separate_layers():
@@ -93,14 +112,14 @@ def test_scanned_blocks_are_written_as_separate_layers():
   stack = lambda *blocks: jax.tree.map(lambda *x: np.stack(x), *blocks)
   scanned["encoder"]["layers"] = stack(*(params["encoder"][f"layers_{i}"] for i in range(DEPTH)))
   scanned["decoder"]["decoder_blocks"] = stack(*(params["decoder"][f"decoder_blocks_{j}"] for j in range(2)))
-  state_dict = torch_names.to_torch(scanned)
-  assert_trees_equal(state_dict, torch_names.to_torch(params))
-  assert_trees_equal(torch_names.from_torch(state_dict, HEADS, 2, scan_layers=True), scanned)
+  state_dict = torch_names.to_torch(scanned, parts())
+  assert_trees_equal(state_dict, torch_names.to_torch(params, parts()))
+  assert_trees_equal(torch_names.from_torch(state_dict, scanned, parts()), scanned)
 
 
 def test_keys_and_shapes_are_the_original_ones_and_load_strictly():
   params = mae_params()
-  state_dict = torch_names.to_torch(params)
+  state_dict = torch_names.to_torch(params, parts())
   backbone, neck = reference_models()
   # The reference model itself has the key set of the spec's table.
   spec = SPEC_OTHER_KEYS + [f"layers.{i}.{k}" for i in range(DEPTH) for k in SPEC_BLOCK_KEYS]
@@ -112,7 +131,7 @@ def test_keys_and_shapes_are_the_original_ones_and_load_strictly():
   assert state_dict["layers.1.attn.qkv.weight"].shape == (3 * WIDTH, WIDTH)
   assert state_dict["patch_embed.projection.weight"].shape == (WIDTH, 3, 16, 16)
   assert state_dict["neck.decoder_pred.weight"].shape == (16 * 16 * 3, 32)
-  prefixed = torch_names.to_torch(params, prefix="backbone.")
+  prefixed = torch_names.to_torch(params, parts("backbone."))
   assert {k for k in prefixed if not k.startswith("neck.")} == {"backbone." + k for k in ours_backbone}
 
 
@@ -134,19 +153,20 @@ def test_backbone_matches_the_torch_reference(with_cls_token):
     params = {k: v for k, v in params.items() if k != "cls_token"}
     params["pos_embed"] = params["pos_embed"][:, 1:]
   backbone, _ = reference_models(image_size, with_cls_token)
-  backbone.load_state_dict(as_torch(torch_names.to_torch({"encoder": params})), strict=True)
+  backbone.load_state_dict(as_torch(torch_names.to_torch({"encoder": params}, parts(include_decoder=False))),
+                           strict=True)
   # Two images of unit Gaussian noise, then a real photo, normalised as in training.
   noise = np.random.default_rng(1).standard_normal((2, *image_size, 3)).astype(np.float32)
   images = np.concatenate([noise, transforms.normalize(photos.astronaut(image_size))[None]])
   theirs = torch_features(backbone, images)
-  ours = apply(vit.ViT(WIDTH, DEPTH, HEADS, image_size, use_cls_token=with_cls_token), params, images)
+  ours = apply(sapiens.ViT(WIDTH, DEPTH, HEADS, image_size, use_cls_token=with_cls_token), params, images)
   assert ours.shape == theirs.shape == (3, 12 + int(with_cls_token), WIDTH)
   diff = np.abs(ours - theirs).max(axis=(1, 2))
   print(f"cls={with_cls_token} float32 max abs diff: noise {diff[:2].max():.1e}, photo {diff[2]:.1e}")
   assert diff.max() < 1e-4  # measured 3e-6 to 5e-6
   # bfloat16 compute (params stay float32) against the float32 reference: measured 2e-2 to 4e-2,
   # the rounding of O(1) activations to 8 mantissa bits; reported, loosely bounded.
-  ours = apply(vit.ViT(WIDTH, DEPTH, HEADS, image_size, use_cls_token=with_cls_token, dtype="bfloat16"),
+  ours = apply(sapiens.ViT(WIDTH, DEPTH, HEADS, image_size, use_cls_token=with_cls_token, dtype="bfloat16"),
                params, images)
   diff = np.abs(ours - theirs).max()
   print(f"cls={with_cls_token} bfloat16 compute max abs diff: {diff:.1e}")
@@ -157,8 +177,8 @@ def test_decoder_matches_the_torch_reference():
   image_size = (64, 48)
   params = mae_params(image_size)
   _, neck = reference_models(image_size)
-  neck.load_state_dict(as_torch(split_neck(torch_names.to_torch(params))[1]), strict=True)
-  keep_ids, _, restore_ids = mae.random_masking(mae.example_keys(jax.random.key(2), 2), 12, 0.75)
+  neck.load_state_dict(as_torch(split_neck(torch_names.to_torch(params, parts()))[1]), strict=True)
+  keep_ids, _, restore_ids = mae.random_masking(example_keys(jax.random.key(2), 2), 12, 0.75)
   latent = np.random.default_rng(2).standard_normal((2, 1 + keep_ids.shape[1], WIDTH)).astype(np.float32)
   ours = apply(mae.Decoder(32, 2, 2, (4, 3), 16), params["decoder"], latent, restore_ids)
   with torch.no_grad():
@@ -178,7 +198,7 @@ def test_cli_exports_a_trained_run_that_torch_loads_strictly(tiny_config, tmp_pa
   tiny_config.model.scan_layers = True  # as the real sizes train: export must unstack the blocks
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(tiny_config, workdir)
-  expected = torch_names.to_torch(jax.tree.map(np.asarray, state["params"]))
+  expected = torch_names.to_torch(jax.tree.map(np.asarray, state["params"]), mae.torch_parts(tiny_config))
 
   out = run_export(f"--workdir={workdir}", f"--output={tmp_path / 'backbone.safetensors'}")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -193,7 +213,7 @@ def test_cli_exports_a_trained_run_that_torch_loads_strictly(tiny_config, tmp_pa
     np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
   # ... and converts back to the trained (scanned) params bit for bit.
   m = tiny_config.model
-  assert_trees_equal(torch_names.from_torch(loaded, HEADS, m.decoder_heads, scan_layers=True),
+  assert_trees_equal(torch_names.from_torch(loaded, state["params"], mae.torch_parts(tiny_config)),
                      jax.tree.map(np.asarray, state["params"]))
   backbone, neck = reference_models(tuple(tiny_config.image_size), decoder_depth=m.decoder_depth)
   torch_backbone, torch_neck = split_neck(loaded)
@@ -201,7 +221,7 @@ def test_cli_exports_a_trained_run_that_torch_loads_strictly(tiny_config, tmp_pa
   neck.load_state_dict(torch_neck, strict=True)
   # The loaded torch model computes what the trained Flax encoder computes.
   images = transforms.normalize(photos.astronaut(tuple(tiny_config.image_size)))[None]
-  ours = apply(vit.vit_from_config(tiny_config.model, tiny_config.image_size), state["params"]["encoder"], images)
+  ours = apply(mae.encoder(tiny_config), state["params"]["encoder"], images)
   assert np.abs(ours - torch_features(backbone, images)).max() < 1e-4
 
   # .safetensors without --include_decoder: exactly the backbone keys.
@@ -236,21 +256,31 @@ def test_bad_inputs_are_named(tmp_path):
     export.export(str(tmp_path), str(tmp_path / "weights.pth"))
 
   params = mae_params()
-  state_dict = torch_names.to_torch(params)
+  state_dict = torch_names.to_torch(params, parts())
   with pytest.raises(KeyError, match=r"head\.bogus\.weight"):
-    torch_names.from_torch({**state_dict, "head.bogus.weight": np.zeros(1)}, HEADS, decoder_heads=2)
-  with pytest.raises(KeyError, match=r"head\.final_layer\.bias"):  # a head half there
-    torch_names.from_torch({**state_dict, "head.final_layer.weight": np.zeros(1)}, HEADS, decoder_heads=2)
+    torch_names.from_torch({**state_dict, "head.bogus.weight": np.zeros(1)}, params, parts())
   with pytest.raises(KeyError, match=r"layers\.1\.ln2\.bias"):
-    torch_names.from_torch({k: v for k, v in state_dict.items() if k != "layers.1.ln2.bias"}, HEADS, 2)
-  with pytest.raises(ValueError, match="decoder_heads"):
-    torch_names.from_torch(state_dict, HEADS)
+    torch_names.from_torch({k: v for k, v in state_dict.items() if k != "layers.1.ln2.bias"}, params, parts())
   with pytest.raises(KeyError, match="backbone.patch_embed"):
-    torch_names.from_torch(state_dict, HEADS, 2, prefix="backbone.")
+    torch_names.from_torch(state_dict, params, parts("backbone."))
   extra = {**params, "encoder": {**params["encoder"], "layer_scale": np.ones(3)}}
   with pytest.raises(ValueError, match="layer_scale"):
-    torch_names.to_torch(extra)
-  with pytest.raises(ValueError, match="neck"):
-    torch_names.to_torch({**params, "neck": {}})
+    torch_names.to_torch(extra, parts())
   with pytest.raises(ValueError, match="head parameters with no PyTorch name.*bogus"):
-    torch_names.to_torch({**params, "head": {"final_layer": {}, "bogus": {"kernel": np.ones(3)}}})
+    head = objectives.finetune.torch_parts(default_config.finetune("coco", "tiny"))[1]
+    torch_names.to_torch({"head": {"final_layer": {}, "bogus": {"kernel": np.ones(3)}}}, [head])
+
+
+@pytest.mark.parametrize("objective,dataset", [("mae", ""), ("finetune", "coco"), ("finetune", "goliath_seg"),
+                                               ("finetune", "render_people_depth"),
+                                               ("finetune", "render_people_normal")])
+def test_every_parameter_group_has_pytorch_names(objective, dataset):
+  """What an objective builds, it names: no group (and no parameter) is left out of an export."""
+  config = default_config.finetune(dataset, "tiny") if dataset else default_config.pretrain("tiny")
+  config.image_size = (64, 48)
+  chosen = objectives.get(config)
+  assert chosen is objectives.OBJECTIVES[objective]
+  params = checkpoint.abstract_params(config)
+  parts = chosen.torch_parts(config)
+  assert sorted(p.group for p in parts) == sorted(params)
+  torch_names.to_torch(torch_names.stand_ins(params), parts)  # raises on a parameter without a name

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from sapiens_jax import export
+from sapiens_jax import checkpoint
 from sapiens_jax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +75,8 @@ def test_two_processes_reach_the_losses_and_parameters_of_one(runs):
   for key in ("loss", "grad_norm", "learning_rate"):
     np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-5, err_msg=key)
   np.testing.assert_allclose(b[-1]["eval_loss"], a[-1]["eval_loss"], rtol=2e-5)
-  params_one, _ = export.restore_params(one, STEPS)
-  params_two, _ = export.restore_params(two, STEPS)
+  params_one, _, _ = checkpoint.restore_params(one, STEPS)
+  params_two, _, _ = checkpoint.restore_params(two, STEPS)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
                params_two, params_one)
 
@@ -101,4 +101,4 @@ def test_every_process_wrote_its_part_of_the_final_checkpoint(runs):
   step = two / "checkpoints" / str(STEPS)
   assert os.listdir(two / "checkpoints") == [str(STEPS)]
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step / "data"))
-  assert export.restore_params(two)[1] == STEPS  # complete: every parameter reads back
+  assert checkpoint.restore_params(two)[2] == STEPS  # complete: every parameter reads back

@@ -8,9 +8,10 @@ import optax
 import pytest
 
 from sapiens_jax import default_config
-from sapiens_jax import mae
 from sapiens_jax import optim
-from sapiens_jax import vit
+from sapiens_jax.models import sapiens
+from sapiens_jax.objectives import mae
+from sapiens_jax.prng import example_keys
 
 
 def test_peak_lr_scales_with_global_batch(tiny_config):
@@ -30,8 +31,9 @@ def test_schedule_warms_up_linearly_then_cosine_to_min(tiny_config):
 
 
 def _params():
-  model = mae.MAE(encoder=vit.ViT(64, 1, 4, (32, 32)), decoder_width=32, decoder_depth=1, decoder_heads=2)
-  keys = mae.example_keys(jax.random.key(1), 1)
+  encoder = sapiens.ViT(64, 1, 4, (32, 32))
+  model = mae.MAE(encoder=encoder, decoder=mae.Decoder(32, 1, 2, encoder.grid, encoder.patch_size))
+  keys = example_keys(jax.random.key(1), 1)
   return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), keys)["params"])
 
 
@@ -90,15 +92,16 @@ def _finetune_params(depth, scan):
 
 def test_layer_decay_multipliers_follow_the_reference_layer_ids():
   rate, depth = 0.85, 3
-  m = flax.traverse_util.flatten_dict(optim.layer_decay_multipliers(_finetune_params(depth, False), rate, depth),
-                                      sep="/")
+  family = sapiens  # the backbone family module, as models.family(config.model) gives it
+  m = flax.traverse_util.flatten_dict(
+      optim.layer_decay_multipliers(_finetune_params(depth, False), rate, family, depth), sep="/")
   # patch/pos embed: id 0 -> rate^(L+1); block i: id i+1 -> rate^(L-i); final norm and head: id L+1 -> 1.
   assert m["encoder/patch_embed/kernel"] == pytest.approx(0.85 ** 4)
   assert m["encoder/pos_embed"] == pytest.approx(0.85 ** 4)
   assert m["encoder/layers_0/attn/qkv_kernel"] == pytest.approx(0.85 ** 3)
   assert m["encoder/layers_2/ln1/scale"] == pytest.approx(0.85)
   assert m["encoder/ln1/bias"] == 1.0 and m["head/final_layer/kernel"] == 1.0
-  scanned = optim.layer_decay_multipliers(_finetune_params(depth, True), rate, depth)["encoder"]["layers"]
+  scanned = optim.layer_decay_multipliers(_finetune_params(depth, True), rate, family, depth)["encoder"]["layers"]
   np.testing.assert_allclose(scanned["attn"]["qkv_kernel"].ravel(), [0.85 ** 3, 0.85 ** 2, 0.85], rtol=1e-6)
 
 

@@ -13,15 +13,14 @@ import pytest
 
 from sapiens_jax import checkpoint
 from sapiens_jax import default_config
-from sapiens_jax import export
-from sapiens_jax import evaluate
 from sapiens_jax import predict
-from sapiens_jax import vit
 from sapiens_jax.data import heatmaps as heatmap_codec
 from sapiens_jax.data import meta
 from sapiens_jax.data import pose_transforms
 from sapiens_jax.data import transforms
-from test_finetune import tiny_finetune_config
+from sapiens_jax.models import sapiens
+from sapiens_jax.tasks import pose
+from sapiens_jax.tasks import seg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("pose", "seg", "depth", "normal")
@@ -45,7 +44,7 @@ def save_run(config, workdir, seed=0):
   def draw(path, leaf):  # LayerNorm scales near 1, everything else small noise
     noise = 0.05 * rng.standard_normal(leaf.shape, dtype=np.float32)
     return 1 + noise if jax.tree_util.keystr(path).endswith("['scale']") else noise
-  params = jax.tree_util.tree_map_with_path(draw, export.abstract_params(config))
+  params = jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_params(config))
   manager = checkpoint.make_manager(workdir, config)
   data_iter = iter(grain.MapDataset.range(1).to_iter_dataset())
   checkpoint.save(manager, 1, {"step": np.int32(1), "params": params}, data_iter, config)
@@ -54,9 +53,9 @@ def save_run(config, workdir, seed=0):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(finetune_config, tmp_path_factory):
   """{task: (workdir, config, params)} for the four fine-tuning tasks and "mae"."""
-  configs = {task: tiny_finetune_config(task) for task in TASKS}
+  configs = {task: finetune_config(task) for task in TASKS}
   configs["mae"] = mae_config()
   out = {}
   for task, config in configs.items():
@@ -104,7 +103,7 @@ def test_keypoints_go_back_to_the_image_pixels_of_the_heatmap_peak():
   in_crop = pose_transforms.transform_points(points, matrix)
   heatmaps, _ = heatmap_codec.encode(in_crop, np.ones(3), input_size, heatmap_size, sigma=2.0)
 
-  keypoints, scores = evaluate.keypoints_from_heatmaps(heatmaps[None], [center], [scale], input_size)
+  keypoints, scores = pose.keypoints_from_heatmaps(heatmaps[None], [center], [scale], input_size)
 
   assert keypoints.shape == (1, 3, 2) and scores.shape == (1, 3)
   np.testing.assert_allclose(scores, 1.0, atol=0.05)
@@ -184,7 +183,7 @@ def test_seg_labels_have_the_photo_size_and_valid_classes(runs, photos, tmp_path
 def test_seg_labels_are_the_argmax_of_the_bilinearly_resized_logits(size):
   rng = np.random.default_rng(1)
   logits = rng.standard_normal((6, 5, 4)).astype(np.float32)
-  labels = predict.resize_labels(logits, *size)
+  labels = seg.resize_labels(logits, *size)
   # align_corners=False bilinear, written out: source coordinate (i + 0.5) * in / out - 0.5.
   def axis(out, size):
     src = np.clip((np.arange(out) + 0.5) * size / out - 0.5, 0, size - 1)
@@ -217,9 +216,10 @@ def test_mae_features_are_the_encoder_tokens_without_cls(runs):
   _, config, params = runs["mae"]
   image = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # the run's size
   features = predict.predict_image(config, params, image)["features"]  # MAE runs default to features
-  encoder = vit.ViT(*vit.SIZES["tiny"], image_size=(64, 64), use_cls_token=True)
+  dims = sapiens.SIZES["tiny"]
+  encoder = sapiens.ViT(dims.width, dims.depth, dims.num_heads, image_size=(64, 64), use_cls_token=True)
   tokens = encoder.apply({"params": params["encoder"]}, transforms.normalize(image)[None])[0]
-  width = vit.SIZES["tiny"][0]
+  width = dims.width
   expected = np.asarray(tokens)[1:].reshape(4, 4, width).transpose(2, 0, 1)
   assert features.shape == (width, 4, 4)
   np.testing.assert_allclose(features, expected, atol=1e-5)
@@ -230,7 +230,7 @@ def test_features_of_a_task_run_and_a_stretched_photo(runs, photos, tmp_path):
   predict.predict_files(config, params, photos, str(tmp_path), task="features", batch_size=2)
   for name in SIZES:
     features = np.load(tmp_path / (os.path.splitext(name)[0] + "_features.npy"))
-    assert features.shape == (vit.SIZES["tiny"][0], 64 // 16, 48 // 16)
+    assert features.shape == (sapiens.SIZES["tiny"].width, 64 // 16, 48 // 16)
 
 
 def test_a_task_the_run_cannot_predict_is_refused(runs):

@@ -133,6 +133,19 @@ def test_dry_run_of_2b_reports_table2_params_without_allocating():
   assert plan["memory_per_device_bytes"] > 4 * plan["params"] * 4  # params, grads, 2 Adam moments
 
 
+@pytest.mark.parametrize("task", ["seg", "pose"])
+def test_dry_run_of_a_finetuning_config(task):
+  """Every config plans, fine-tuning ones included: the task's head and targets in the lowered step."""
+  out = run_main(f"--config=configs/synthetic.py:{task}", "--dry_run")
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert plan["objective"] == "finetune" and plan["params"] == plan["encoder_params"] + plan["head_params"]
+  assert plan["encoder_params"] == 2_826_432  # "small": width 192, 6 blocks, a 8x6 position table
+  # The encoder's forward alone is 2 x paper FLOPs (MACs); a train step is about 3x a forward.
+  assert plan["flops_per_example"] > 3 * 2 * plan["paper_flops"]
+  assert plan["memory_per_device_bytes"] > 4 * plan["params"] * 4  # params, grads, 2 Adam moments
+
+
 def test_sigterm_saves_the_current_step_and_a_rerun_finishes(tmp_path):
   args = [sys.executable, "-m", "sapiens_jax.main", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
           "--config.model.size=tiny", "--config.image_size=(32, 32)", "--config.batch_size=8",

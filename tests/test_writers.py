@@ -47,10 +47,10 @@ def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
 def test_image_is_readable_from_tensorboard(tmp_path):
   image = np.random.default_rng(0).integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
   writer = writers.MetricWriter(tmp_path)
-  writer.write_image(7, "reconstruction", image)
+  writer.write_image(7, "reconstructions", image)
   writer.close()
 
-  (event,) = _load_events(tmp_path).Images("reconstruction")
+  (event,) = _load_events(tmp_path).Images("reconstructions")
   assert (event.step, event.height, event.width) == (7, 12, 20)
   decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
   np.testing.assert_array_equal(decoded, image)

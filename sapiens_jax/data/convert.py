@@ -19,24 +19,21 @@ folders (sapiens_jax.data.record_sources describes the records).
 import json
 import math
 import os
-import shutil
 
 from absl import app
 from absl import flags
-from flax import serialization
 
-from sapiens_jax.data import coco_source
-from sapiens_jax.data import dense_source
+from sapiens_jax import tasks
 from sapiens_jax.data import record_sources
 from sapiens_jax.data import sources
 
 # ~1000 records of 0.1-1 MB: shards of a few hundred MB, as ArrayRecord and buckets like them.
 DEFAULT_RECORDS_PER_SHARD = 1000
+IMAGES = "images"  # raw images for pretraining; every other kind is a task's dataset
 
 
-def _read(path):
-  with open(path, "rb") as f:
-    return f.read()
+def kinds():
+  return (IMAGES, *tasks.TASKS)
 
 
 def _image_records(input_dir):
@@ -44,57 +41,23 @@ def _image_records(input_dir):
   return len(folder), (folder[i]["data"] for i in range(len(folder))), {}
 
 
-def _pose_records(input_dir, annotations, output):
-  """Images with usable people, in the JSON's order; the JSON is copied next to the shards."""
-  coco = coco_source.CocoKeypointSource(annotations, input_dir)
-  used = {coco[i]["image_id"] for i in range(len(coco))}
-  images = [image for image in coco.images if image["id"] in used]
-  shutil.copyfile(annotations, os.path.join(output, record_sources.POSE_ANNOTATIONS))
-
-  def records():
-    for image in images:
-      yield serialization.msgpack_serialize({
-          "image_id": image["id"], "files": {"image": image["file_name"]},
-          "image": _read(os.path.join(input_dir, image["file_name"]))})
-  extra = {"annotations": os.path.abspath(annotations),
-           "image_ids": [image["id"] for image in images]}
-  return len(images), records(), extra
-
-
-def _dense_records(input_dir, task):
-  source = dense_source.DenseSource(input_dir, task)
-  keys = [key for _, _, key in dense_source.TASK_FILES[task]]
-
-  def records():
-    for element in source.elements:
-      paths = {"image": element["image_path"]}
-      paths.update({record_sources.DENSE_FIELDS[key]: element[key] for key in keys})
-      record = {field: _read(path) for field, path in paths.items()}
-      record["files"] = {field: os.path.relpath(path, input_dir) for field, path in paths.items()}
-      yield serialization.msgpack_serialize(record)
-  return len(source), records(), {"names": [element["name"] for element in source.elements]}
-
-
 def convert(kind, input_dir, output, records_per_shard=DEFAULT_RECORDS_PER_SHARD,
             annotations=""):
   """Writes `input_dir` as `kind` records into the new or empty folder `output`; returns the manifest."""
-  if kind not in record_sources.KINDS:
-    raise ValueError(f"kind must be one of {', '.join(record_sources.KINDS)}, got {kind!r}")
+  if kind not in kinds():
+    raise ValueError(f"kind must be one of {', '.join(kinds())}, got {kind!r}")
   if int(records_per_shard) != records_per_shard or records_per_shard < 1:
     raise ValueError(f"records_per_shard must be a positive integer, got {records_per_shard!r}")
-  if bool(annotations) != (kind == "pose"):
-    raise ValueError("--annotations (the COCO keypoint JSON) is needed for kind=pose and only"
-                     f" for it; got kind={kind!r}, annotations={annotations!r}")
+  if kind == IMAGES and annotations:
+    raise ValueError(f"--annotations is for task datasets, not kind={IMAGES}; got {annotations!r}")
   if os.path.isdir(output) and os.listdir(output):
     raise ValueError(f"output folder {output!r} is not empty; shards of another conversion"
                      " there would be read along with the new ones")
   os.makedirs(output, exist_ok=True)
-  if kind == "images":
+  if kind == IMAGES:
     num, records, extra = _image_records(input_dir)
-  elif kind == "pose":
-    num, records, extra = _pose_records(input_dir, annotations, output)
   else:
-    num, records, extra = _dense_records(input_dir, kind)
+    num, records, extra = tasks.get(kind).convert_records(input_dir, annotations, output)
   num_shards = max(1, math.ceil(num / records_per_shard))
   shards = []
   for shard in range(num_shards):
@@ -113,9 +76,9 @@ def convert(kind, input_dir, output, records_per_shard=DEFAULT_RECORDS_PER_SHARD
 
 def cli():
   """Flags are defined here, not at import, so importing this module never clashes with main.py's."""
-  kind = flags.DEFINE_enum("kind", None, record_sources.KINDS, "What the input folder holds.")
-  input_dir = flags.DEFINE_string("input", None, "Dataset folder (pose: the image root).")
-  annotations = flags.DEFINE_string("annotations", "", "pose: the COCO keypoint JSON.")
+  kind = flags.DEFINE_enum("kind", None, kinds(), "What the input folder holds: images, or a task's dataset.")
+  input_dir = flags.DEFINE_string("input", None, "Dataset folder (COCO keypoints: the image root).")
+  annotations = flags.DEFINE_string("annotations", "", "COCO keypoints: the annotation JSON.")
   output = flags.DEFINE_string("output", None, "New or empty folder for the shards and manifest.")
   per_shard = flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD,
                                    "Records (images) per shard.")

@@ -1,16 +1,16 @@
-"""Random-access source of dense-task samples (seg, depth or normal) on disk.
+"""Random-access source of dense-task samples (images + per-pixel labels) on disk.
 
-Layout under `root`, one sample per image name stem:
-  images/NAME.{jpg,jpeg,png}  the photo
-  segs/NAME.png               seg: single-channel uint8 class ids (L or P mode)
-  masks/NAME.png              depth, normal: 0 background, > 0 person
-  depths/NAME.npy             depth: float (H, W), any units
-  normals/NAME.npy            normal: float (H, W, 3)
-`source[i]` only names the files (cheap, picklable); `source.load(element)`
-reads and checks them and returns `(image, targets)` ready for the
-`sapiens_jax.data.dense_transforms` recipes.
+A dataset folder holds `images/NAME.{jpg,jpeg,png}` and, per image name stem, one file for each
+`LabelFile` of the task's layout (the task module declares it), e.g.
+  segs/NAME.png      class ids, single-channel uint8 (L or P mode)        -> target "label"
+  masks/NAME.png     0 background, > 0 person                            -> target "mask"
+  depths/NAME.npy    float (H, W), any units                             -> a float map
+  normals/NAME.npy   float (H, W, 3)                                     -> a float map
+`source[i]` only names the files (cheap, picklable); `source.load(element)` reads and checks them
+and returns `(image, targets)` ready for the `sapiens_jax.data.dense_transforms` recipes.
 """
 import os
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -20,15 +20,29 @@ from sapiens_jax.data.transforms import decode_image
 from sapiens_jax.data.transforms import ImageDecodeError
 from sapiens_jax.data.transforms import MAX_IMAGE_PIXELS
 
-# task -> the (folder, extension, element key) of each file besides the image.
-TASK_FILES = {
-    "seg": (("segs", ".png", "label_path"),),
-    "depth": (("masks", ".png", "mask_path"), ("depths", ".npy", "depth_path")),
-    "normal": (("masks", ".png", "mask_path"),
-               ("normals", ".npy", "normal_path")),
-}
 # How many missing files an error message lists before "...".
 _MAX_LISTED = 5
+_CLASS_MODES = ("L", "P")
+_MASK_MODES = ("1", "L", "P", "RGB")
+
+
+class LabelFile(NamedTuple):
+  """One label file per image: `folder`/NAME`extension`, read as the target `name`.
+
+  A ".png" is class ids ("label") or, for the name "mask", a person mask; a ".npy" is a float map
+  of (H, W) or, with `channels`, (H, W, channels). Where a dataset has a mask, float-map pixels
+  that are NaN/inf (or <= 0 with `positive`) are taken off it.
+  """
+  folder: str
+  extension: str
+  name: str
+  channels: int = 0
+  positive: bool = False
+
+  @property
+  def key(self):
+    """The element key holding the file's path."""
+    return f"{self.name}_path"
 
 
 class DataError(ValueError):
@@ -36,18 +50,16 @@ class DataError(ValueError):
 
 
 class DenseSource:
-  """The samples of one dense task under `root`, sorted by image name.
+  """The samples of one dense dataset under `root`, sorted by image name.
 
   Args:
     root: dataset folder with the layout in the module docstring.
-    task: "seg", "depth" or "normal".
+    layout: the task's LabelFile tuple.
     on_missing: "raise" (an image lacks one of its files -> DataError listing
       the first few) or "skip" (drop such images; `num_skipped` counts them).
   """
 
-  def __init__(self, root, task, on_missing="raise"):
-    if task not in TASK_FILES:
-      raise ValueError(f"task must be one of {sorted(TASK_FILES)}, got {task!r}")
+  def __init__(self, root, layout, on_missing="raise"):
     if on_missing not in ("raise", "skip"):
       raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
     image_dir = os.path.join(root, "images")
@@ -67,28 +79,28 @@ class DenseSource:
       raise DataError(
           f"no images in {image_dir!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     self.root = root
-    self.task = task
+    self.layout = tuple(layout)
     self.elements = []
     missing = []
     for stem in sorted(images):
       element = {"name": stem, "image_path": images[stem]}
-      for folder, extension, key in TASK_FILES[task]:
-        element[key] = os.path.join(root, folder, stem + extension)
-      absent = [element[key] for _, _, key in TASK_FILES[task]
-                if not os.path.isfile(element[key])]
+      for file in self.layout:
+        element[file.key] = os.path.join(root, file.folder, stem + file.extension)
+      absent = [element[file.key] for file in self.layout if not os.path.isfile(element[file.key])]
       if absent:
         missing.extend(absent)
       else:
         self.elements.append(element)
     self.num_skipped = len(images) - len(self.elements)
+    folders = "/".join(file.folder for file in self.layout)
     if missing and on_missing == "raise":
       listed = ", ".join(repr(path) for path in missing[:_MAX_LISTED])
       more = " ..." if len(missing) > _MAX_LISTED else ""
       raise DataError(
-          f"{len(missing)} {task} files missing under {root!r}: {listed}{more}"
+          f"{len(missing)} label files ({folders}) missing under {root!r}: {listed}{more}"
           " (pass on_missing='skip' to drop those images)")
     if not self.elements:
-      raise DataError(f"no complete {task} samples under {root!r}")
+      raise DataError(f"no complete samples (images with {folders}) under {root!r}")
 
   def __len__(self):
     return len(self.elements)
@@ -97,7 +109,8 @@ class DenseSource:
     return self.elements[index]
 
   def __repr__(self):
-    return (f"DenseSource({self.root!r}, {self.task!r}, {len(self)} samples,"
+    folders = "/".join(file.folder for file in self.layout)
+    return (f"DenseSource({self.root!r}, {folders}, {len(self)} samples,"
             f" {self.num_skipped} skipped)")
 
   def load(self, element):
@@ -105,50 +118,49 @@ class DenseSource:
     image_path = element["image_path"]
     with open(image_path, "rb") as f:
       data = f.read()
-    files = {key: (element[key], element[key]) for _, _, key in TASK_FILES[self.task]}
-    return decode_sample(self.task, data, image_path, files)
+    files = {file.name: (element[file.key], element[file.key]) for file in self.layout}
+    return decode_sample(self.layout, data, image_path, files)
 
 
-def decode_sample(task, image_data, image_name, files):
+def decode_sample(layout, image_data, image_name, files):
   """Encoded image + label files -> (uint8 RGB image, targets dict), checked.
 
-  `files` maps each element key of TASK_FILES[task] (e.g. "label_path") to
-  (path or file object, name for errors), so folders and record shards share
-  one decoder. Targets: seg {"label": uint8 (H, W)}; depth {"mask": uint8
-  0/1, "depth": float32}; normal {"mask", "normal": float32 (H, W, 3)}. Depth
-  or normal pixels that are NaN/inf (or depth <= 0) are taken off the mask,
-  so they train as background; a mask left with no person at all is an error.
+  `files` maps each LabelFile name of `layout` to (path or file object, name for errors), so
+  folders and record shards share one decoder. Targets: "label" uint8 (H, W); "mask" uint8 0/1;
+  float maps float32. With a mask, float-map pixels that are NaN/inf (or <= 0 where the file is
+  `positive`) are taken off the mask, so they train as background; a mask left with no person at
+  all is an error.
   """
   try:
     image = decode_image(image_data, image_name)
   except ImageDecodeError as e:
     raise DataError(str(e)) from e
   size = image.shape[:2]
-  if task == "seg":
-    label_file, label_name = files["label_path"]
-    label = _read_png(label_file, label_name, ("L", "P"))
-    _check_size(label, label_name, size, image_name)
-    return image, {"label": label}
-  mask_file, mask_name = files["mask_path"]
-  mask = _read_png(mask_file, mask_name, ("1", "L", "P", "RGB"))
-  if mask.ndim == 3:
-    mask = mask.max(axis=-1)
-  _check_size(mask, mask_name, size, image_name)
-  values_file, path = files[f"{task}_path"]
-  values = _read_npy(values_file, path, size + ((3,) if task == "normal" else ()))
-  _check_size(values, path, size, image_name)
-  if task == "depth":
-    with np.errstate(invalid="ignore"):
-      valid = np.isfinite(values) & (values > 0)
-  else:
-    valid = np.isfinite(values).all(axis=-1)
-  mask = ((mask > 0) & valid).astype(np.uint8)
-  if not mask.any():
-    raise DataError(
-        f"{path!r}: no valid foreground pixel (mask {mask_name!r} is empty"
-        f" or every {task} value under it is NaN/inf"
-        f"{' or <= 0' if task == 'depth' else ''})")
-  return image, {"mask": mask, task: values}
+  targets, valid, value_names = {}, np.ones(size, bool), []
+  for file in layout:
+    data, name = files[file.name]
+    if file.extension == ".png":
+      values = _read_png(data, name, _MASK_MODES if file.name == "mask" else _CLASS_MODES)
+      if values.ndim == 3:
+        values = values.max(axis=-1)
+    else:
+      values = _read_npy(data, name, size + ((file.channels,) if file.channels else ()))
+    _check_size(values, name, size, image_name)
+    if file.extension == ".npy":
+      with np.errstate(invalid="ignore"):
+        finite = np.isfinite(values) & ((values > 0) if file.positive else True)
+      valid &= finite.all(axis=-1) if file.channels else finite
+      value_names.append(name)
+    targets[file.name] = values
+  if "mask" in targets:
+    mask = ((targets["mask"] > 0) & valid).astype(np.uint8)
+    if not mask.any():
+      raise DataError(
+          f"{', '.join(map(repr, value_names))}: no valid foreground pixel (mask"
+          f" {files['mask'][1]!r} is empty or every value under it is NaN/inf"
+          f"{' or <= 0' if any(f.positive for f in layout) else ''})")
+    targets["mask"] = mask
+  return image, targets
 
 
 def _read_png(file, path, modes):
@@ -179,7 +191,7 @@ def _read_npy(file, path, shape):
   if not np.issubdtype(values.dtype, np.floating):
     raise DataError(f"{path!r}: expected a float array, got {values.dtype}")
   if values.ndim != len(shape) or values.shape[2:] != shape[2:]:
-    expected = "(H, W, 3)" if len(shape) == 3 else "(H, W)"
+    expected = f"(H, W, {shape[2]})" if len(shape) == 3 else "(H, W)"
     raise DataError(f"{path!r}: expected shape {expected}, got {values.shape}")
   return values.astype(np.float32)
 

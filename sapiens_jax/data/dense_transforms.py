@@ -28,6 +28,11 @@ from sapiens_jax.data.photometric import photometric_distortion
 TARGET_NAMES = ("label", "mask", "depth", "normal")
 IGNORE_INDEX = 255
 REFERENCE_RATIO_RANGE = (0.2, 2.0)  # random resize of all three recipes, for 1024x768 crops
+# Background of the targets (the reference's values): depth -1 (the person's depth is in [0, 1]),
+# normals -1000 in all three channels, recognised by x <= -100.
+DEPTH_BACKGROUND = -1.0
+NORMAL_BACKGROUND = -1000.0
+NORMAL_VALID_ABOVE = -100.0
 
 # What rotation fills in outside the original image: labels get class 0
 # (background; the reference's seg_pad_val=0), masks 0, and depth and normals
@@ -207,6 +212,16 @@ def composite_background(image, mask, backgrounds, rng, prob):
   return np.where(np.asarray(mask)[..., None] > 0, image, background)
 
 
+def depth_foreground(target):
+  """Where a depth target holds the person (numpy or jax arrays)."""
+  return target >= 0
+
+
+def normal_foreground(target):
+  """Where a normal target (..., 3) holds a normal (numpy or jax arrays)."""
+  return target[..., 0] > NORMAL_VALID_ABOVE
+
+
 def depth_target(depth, mask):
   """Foreground depth min-max normalised to [0, 1]; background -1.
 
@@ -218,7 +233,7 @@ def depth_target(depth, mask):
   depth = np.asarray(depth, dtype=np.float32)
   with np.errstate(invalid="ignore"):
     valid = (np.asarray(mask) > 0) & np.isfinite(depth) & (depth > 0)
-  target = np.full(depth.shape, -1.0, dtype=np.float32)
+  target = np.full(depth.shape, DEPTH_BACKGROUND, dtype=np.float32)
   if valid.any():
     values = depth[valid]
     low, high = values.min(), values.max()
@@ -226,7 +241,7 @@ def depth_target(depth, mask):
   return target
 
 
-def normal_target(normals, mask, background=-1000.0):
+def normal_target(normals, mask, background=NORMAL_BACKGROUND):
   """Foreground normals rescaled to unit length; `background` elsewhere.
 
   Pixels with mask 0, a non-finite component or a zero vector are background

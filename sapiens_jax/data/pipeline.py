@@ -1,4 +1,4 @@
-"""The input pipelines (MAE pretraining and the four fine-tuning tasks), built with Grain's Dataset API.
+"""The input pipelines (image pretraining and task fine-tuning), built with Grain's Dataset API.
 
 Index-based all the way down: element k of the infinite stream is fully
 determined by (seed, k) (which record, which crop, which flip), so the
@@ -15,13 +15,8 @@ import cv2
 import grain
 import numpy as np
 
-from sapiens_jax.data import coco_source
+from sapiens_jax import tasks
 from sapiens_jax.data import dense_source
-from sapiens_jax.data import dense_transforms
-from sapiens_jax.data import meta
-from sapiens_jax.data import photometric
-from sapiens_jax.data import pose_transforms
-from sapiens_jax.data import record_sources
 from sapiens_jax.data import sources
 from sapiens_jax.data import synthetic_humans
 from sapiens_jax.data import transforms
@@ -67,7 +62,7 @@ def load_with_skips(load, num_records, skip_bad, record_index):
 
 
 def load_pretrain_example(source, image_size, resize, skip_bad, record_index, rng):
-  """Reads, decodes and augments record `record_index` of `source` (MAE recipe)."""
+  """Reads, decodes and augments record `record_index` of `source` (the MAE recipe's crops)."""
   def load(index):
     record = source[index]
     image = transforms.decode_image(record["data"], record["name"])
@@ -187,94 +182,12 @@ def ensure_synthetic_data(config, workdir):
 
 
 def make_task_source(config, split, workdir=""):
-  """The random-access source of a pose (COCO keypoints) or dense (images + labels) split.
-
-  A folder written by sapiens_jax.data.convert is read from its shards (pose
-  then takes the COCO JSON stored there, not data.annotations).
-  """
+  """The random-access source of `split` of the task's dataset (the task reads its own layout; a
+  folder written by sapiens_jax.data.convert is read from its shards)."""
   root = data_root(config, split, workdir)
   if not root:
     raise ValueError(f"config.data.path is empty: set it to the {config.task} dataset folder")
-  if record_sources.read_manifest(root) is not None:
-    if config.task == "pose":
-      return record_sources.RecordPoseSource(root)
-    return record_sources.RecordDenseSource(root, config.task)
-  if config.task == "pose":
-    if config.data.source == "synthetic":
-      annotations = os.path.join(root, "person_keypoints.json")
-    else:
-      annotations = config.data.eval_annotations if split == "eval" else config.data.annotations
-    return coco_source.CocoKeypointSource(annotations, root)
-  on_missing = "skip" if config.data.on_error == "skip" else "raise"
-  return dense_source.DenseSource(root, config.task, on_missing=on_missing)
-
-
-class BackgroundImages:
-  """Non-human photos to paste behind people, decoded on demand (a folder may be large)."""
-
-  def __init__(self, folder):
-    self._source = sources.ImageFolderSource(folder)
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    record = self._source[index]
-    return transforms.decode_image(record["data"], record["name"])
-
-
-def _heatmap_size(image_size):
-  """(W, H) of the pose heatmaps: the head upsamples the 1/16 grid 4x, so 1/4 of the input."""
-  return image_size[1] // 4, image_size[0] // 4
-
-
-def load_task_train_example(task, source, image_size, labels, sigma,
-                            backgrounds, scale_range, index, rng):
-  """Record `index` of `source` through the task's augmentation recipe; the image stays uint8."""
-  if task == "pose":
-    element = source[index]
-    image = transforms.decode_image(source.read_bytes(element), element["image_name"])
-    skeleton = meta.skeleton(labels)
-    sample = pose_transforms.topdown_train_sample(
-        image, element["bbox"], element["keypoints"], element["visible"], rng,
-        flip_indices=skeleton.flip_indices, upper_ids=skeleton.upper_body_ids,
-        lower_ids=skeleton.lower_body_ids, input_size=image_size[::-1],
-        heatmap_size=_heatmap_size(image_size), sigma=sigma,
-        photometric=photometric.photometric_distortion)
-    return {"image": sample["image"], "heatmaps": sample["heatmaps"],
-            "target_weight": sample["target_weight"]}
-  image, targets = source.load(source[index])
-  if task == "seg":
-    sample = dense_transforms.seg_train_sample(
-        image, targets, rng, swap_pairs=meta.seg_classes(labels).swap_pairs, size=image_size,
-        background_images=backgrounds, ratio_range=scale_range)
-  else:
-    recipe = {"depth": dense_transforms.depth_train_sample,
-              "normal": dense_transforms.normal_train_sample}[task]
-    sample = recipe(image, targets, rng, size=image_size, background_images=backgrounds,
-                    ratio_range=scale_range)
-  return {"image": sample.pop("image"), **sample}
-
-
-def _scale_range(data_config):
-  """data.scale_range, checked: the (low, high) random-resize ratios of the dense recipes."""
-  try:
-    low, high = (float(v) for v in data_config.scale_range)
-  except (TypeError, ValueError):
-    low = high = 0.0
-  if not 0 < low <= high:
-    raise ValueError(f"data.scale_range must be (low, high) with 0 < low <= high, got"
-                     f" {data_config.scale_range!r}")
-  return low, high
-
-
-def task_train_example(config, source):
-  """`(index, rng) -> training sample` of `source` with the config's recipe settings."""
-  backgrounds = BackgroundImages(config.data.backgrounds) if config.data.backgrounds else None
-  return functools.partial(load_task_train_example, config.task, source,
-                           tuple(int(s) for s in config.image_size), config.data.labels,
-                           config.get("heatmap_sigma", 0.0), backgrounds,
-                           _scale_range(config.data))
+  return tasks.get(config.task).make_source(config, root, split)
 
 
 def _load_task_record(example, num_records, skip_bad, record_index, rng):
@@ -286,31 +199,15 @@ def make_task_iterator(config, *, batch_size, seed, workdir="", process_index=0,
   """Infinite, checkpointable iterator of this process's fine-tuning batches.
 
   Yields "image" (uint8 RGB, normalised on the device by the step), the task's
-  targets (pose: "heatmaps", "target_weight"; seg: "label"; depth: "depth";
-  normal: "normal") and "skipped", each with `batch_size` (per process) rows.
+  targets (its `target_spec`) and "skipped", each with `batch_size` (per process) rows.
   """
   _check_on_error(config.data)
   source = make_task_source(config, "train", workdir)
-  load = functools.partial(_load_task_record, task_train_example(config, source), len(source),
-                           config.data.on_error == "skip")
+  example = tasks.get(config.task).train_example(config, source)
+  load = functools.partial(_load_task_record, example, len(source), config.data.on_error == "skip")
   return _stream(len(source), load, batch_size=batch_size, seed=seed,
                  process_index=process_index, process_count=process_count,
                  num_workers=config.data.num_workers)
-
-
-def load_task_eval_example(task, source, image_size, index):
-  """Record `index` without augmentation: the network input and what the metrics need."""
-  if task == "pose":
-    element = source[index]
-    image = transforms.decode_image(source.read_bytes(element), element["image_name"])
-    sample = pose_transforms.topdown_eval_sample(image, element["bbox"], image_size[::-1])
-    sample["image_id"] = np.int64(element["image_id"])
-  else:
-    image, targets = source.load(source[index])
-    recipe = {"seg": dense_transforms.seg_eval_sample, "depth": dense_transforms.depth_eval_sample,
-              "normal": dense_transforms.normal_eval_sample}[task]
-    sample = recipe(image, targets, size=image_size)
-  return sample  # "image" stays uint8: evaluate.predict normalises on the device
 
 
 def eval_batches(config, source, batch_size):
@@ -318,10 +215,9 @@ def eval_batches(config, source, batch_size):
   repeating its first row); "image" is uint8 RGB and "valid" marks real rows. Bad records
   always raise: an eval that silently drops files would not be comparable across runs."""
   num = min(len(source), config.data.num_eval) if config.data.num_eval else len(source)
-  image_size = tuple(int(s) for s in config.image_size)
+  task = tasks.get(config.task)
   for start in range(0, num, batch_size):
-    rows = [load_task_eval_example(config.task, source, image_size, i)
-            for i in range(start, min(start + batch_size, num))]
+    rows = [task.eval_example(config, source, i) for i in range(start, min(start + batch_size, num))]
     valid = np.arange(batch_size) < len(rows)
     rows += [rows[0]] * (batch_size - len(rows))
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}

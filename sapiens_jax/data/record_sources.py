@@ -3,13 +3,13 @@
 A converted dataset is a folder: shards `KIND-00000-of-0000N.array_record` and a
 `manifest.json` (written last, so a half-finished conversion is never read).
 Records of kind "images" are the encoded images themselves, which
-`sources.ArrayRecordImageSource` reads for MAE pretraining. The other kinds
-hold one msgpack dict per image (no pickle): "image" (the encoded bytes as
-they were on disk), "files" (the original relative path of every field, for
-error messages) and per kind: pose "image_id"; seg "label" (PNG bytes);
-depth/normal "mask" (PNG bytes) and "depth"/"normal" (.npy bytes). Pose
-annotations stay in the COCO JSON copied next to the shards, which evaluation
-reads as it is. The sources decode with the folder sources' own checks, and
+`sources.ArrayRecordImageSource` reads for pretraining. The other kinds (a
+task's name) hold one msgpack dict per image (no pickle): "image" (the encoded
+bytes as they were on disk), "files" (the original relative path of every
+field, for error messages) and per kind: COCO keypoints "image_id"; dense
+tasks the bytes of each label file of the task's layout, under its target name
+("label", "mask", "depth", "normal", ...). Keypoint annotations stay in the COCO
+JSON copied next to the shards, which evaluation reads as it is. The sources decode with the folder sources' own checks, and
 errors name the shard, the record index and the original file.
 """
 import bisect
@@ -27,11 +27,7 @@ from sapiens_jax.data import dense_source
 MANIFEST = "manifest.json"
 FORMAT = "sapiens_jax.data.convert"  # tells our manifest from synthetic_humans' one
 FORMAT_VERSION = 1
-KINDS = ("images", "pose", "seg", "depth", "normal")
 POSE_ANNOTATIONS = "person_keypoints.json"  # the copied COCO JSON, next to the shards
-# DenseSource element key -> record field.
-DENSE_FIELDS = {"label_path": "label", "mask_path": "mask", "depth_path": "depth",
-                "normal_path": "normal"}
 
 
 class RecordError(dense_source.DataError):
@@ -158,25 +154,22 @@ class RecordPoseSource:
 
 
 class RecordDenseSource:
-  """A converted seg / depth / normal dataset; same API as DenseSource.
+  """A converted dense dataset (kind = the task it was converted for); same API as DenseSource.
 
   `source[i]` is {"name": image stem, "record": i}; `load(element)` reads the
-  record and decodes it with dense_source.decode_sample.
+  record and decodes it with dense_source.decode_sample and the task's `layout`.
   """
 
-  def __init__(self, root, task):
-    if task not in dense_source.TASK_FILES:
-      raise ValueError(
-          f"task must be one of {sorted(dense_source.TASK_FILES)}, got {task!r}")
-    manifest = load_manifest(root, task)
+  def __init__(self, root, kind, layout):
+    manifest = load_manifest(root, kind)
     self.root = root
-    self.task = task
+    self.kind = kind
+    self.layout = tuple(layout)
     self._shards = _Shards(root, manifest)
     self.elements = [{"name": name, "record": i} for i, name in enumerate(manifest["names"])]
     if len(self.elements) != len(self._shards):
       raise RecordError(f"{os.path.join(root, MANIFEST)} names {len(self.elements)} samples"
                         f" but the shards hold {len(self._shards)} records")
-    self._fields = {key: DENSE_FIELDS[key] for _, _, key in dense_source.TASK_FILES[task]}
 
   def __len__(self):
     return len(self.elements)
@@ -185,13 +178,13 @@ class RecordDenseSource:
     return self.elements[index]
 
   def __repr__(self):
-    return f"RecordDenseSource({self.root!r}, {self.task!r}, {len(self)} samples)"
+    return f"RecordDenseSource({self.root!r}, {self.kind!r}, {len(self)} samples)"
 
   def load(self, element):
     """(uint8 RGB image, targets) of an element, as DenseSource.load returns them."""
     index = element["record"]
-    record = self._shards.read(index, ("image",) + tuple(self._fields.values()))
-    files = {key: (io.BytesIO(record[field]), self._shards.name(index, record, field))
-             for key, field in self._fields.items()}
+    fields = tuple(file.name for file in self.layout)
+    record = self._shards.read(index, ("image",) + fields)
+    files = {field: (io.BytesIO(record[field]), self._shards.name(index, record, field)) for field in fields}
     return dense_source.decode_sample(
-        self.task, record["image"], self._shards.name(index, record, "image"), files)
+        self.layout, record["image"], self._shards.name(index, record, "image"), files)

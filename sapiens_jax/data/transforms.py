@@ -128,6 +128,13 @@ def resize(image, size, backend="pil"):
                    f" {', '.join(RESIZE_BACKENDS)}")
 
 
+def stretch(image, size):
+  """A whole photo stretched (aspect not kept) to `size` (H, W), bilinear: the network input of
+  the reference's dense-task and feature demos."""
+  height, width = size
+  return cv2.resize(image, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
 def random_flip(image, rng, prob=0.5):
   """Mirrors left-right with probability `prob`."""
   if rng.uniform() < prob:

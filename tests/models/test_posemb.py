@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from sapiens_jax import posemb
+from sapiens_jax.models import posemb
 
 
 def keys_cubic(d, a=-0.75):

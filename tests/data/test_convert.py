@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from sapiens_jax import default_config
+from sapiens_jax import tasks
 from sapiens_jax.data import coco_source
 from sapiens_jax.data import convert
 from sapiens_jax.data import dense_source
@@ -20,7 +21,7 @@ from sapiens_jax.data import record_sources
 from sapiens_jax.data import sources
 from sapiens_jax.data import synthetic_humans
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_IMAGES = 6
 PER_SHARD = 4  # 6 images -> shards of 4 and 2
 
@@ -37,7 +38,8 @@ def task_config(task, path, **data):
                   "normal": "render_people_normal"}[task]
   config = default_config.finetune(dataset_name, "tiny")
   config.image_size = (64, 48)
-  config.heatmap_sigma = 1.0
+  if task == "pose":
+    config.loss.heatmap_sigma = 1.0
   config.data.labels = "coco17" if task == "pose" else config.data.labels
   config.data.path = path
   config.data.update(data)
@@ -63,8 +65,8 @@ def test_dense_round_trip_equals_the_folder_source(task, dataset, tmp_path):
   out = str(tmp_path / "records")
   convert.convert(task, dataset, out, records_per_shard=PER_SHARD)
   manifest = check_manifest(out, task, NUM_IMAGES)
-  folder = dense_source.DenseSource(dataset, task)
-  records = record_sources.RecordDenseSource(out, task)
+  folder = dense_source.DenseSource(dataset, tasks.get(task).LAYOUT)
+  records = record_sources.RecordDenseSource(out, task, tasks.get(task).LAYOUT)
   assert manifest["names"] == [e["name"] for e in folder.elements]
   assert len(records) == len(folder) == NUM_IMAGES
   for i in range(NUM_IMAGES):
@@ -161,14 +163,14 @@ def test_record_errors_name_the_shard_record_and_original_file(dataset, tmp_path
   out = str(tmp_path / "records")
   convert.convert("seg", dataset, out, records_per_shard=PER_SHARD)
   with pytest.raises(record_sources.RecordError, match="holds 'seg' records; expected 'depth'"):
-    record_sources.RecordDenseSource(out, "depth")
+    record_sources.RecordDenseSource(out, "depth", tasks.get("depth").LAYOUT)
   with pytest.raises(ValueError, match="holds 'seg' records"):
     sources.make_source(ml_collections.ConfigDict(dict(source="array_record", path=out)), (8, 8), 0)
   shard = os.path.join(out, "seg-00001-of-00002.array_record")
-  records = record_sources.RecordDenseSource(out, "seg")
+  records = record_sources.RecordDenseSource(out, "seg", tasks.get("seg").LAYOUT)
   good = records._shards._records[PER_SHARD]  # pylint: disable=protected-access
   sources.write_array_record(shard, [good, b"\x00 not msgpack"])
-  records = record_sources.RecordDenseSource(out, "seg")
+  records = record_sources.RecordDenseSource(out, "seg", tasks.get("seg").LAYOUT)
   with pytest.raises(record_sources.RecordError, match=f"{shard}#1"):
     records.load(records[PER_SHARD + 1])
   # A record whose label bytes are broken names the record and the label's original path.

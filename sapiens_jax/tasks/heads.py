@@ -1,18 +1,20 @@
-"""The Sapiens task heads: one upsampling conv stack, configured four ways (reference §2.4, §4.1, §5.2, §6, §7).
+"""The Sapiens (v1) task heads: one upsampling conv stack, which each task configures (reference §2.4).
 
 Every head reads the encoder's patch tokens as an NHWC map (B, h, w, C) and runs
 [ConvTranspose 4x4 s2 -> InstanceNorm -> SiLU] x n (each doubles h and w), then
 [1x1 conv -> InstanceNorm -> SiLU] x m, optional channel dropout, and a final 1x1 conv.
 Parameter names carry the PyTorch `nn.Sequential` indices (`deconv_layers_0`, `deconv_layers_3`, ...)
-so the state-dict mapping in torch_names is a rename plus a transpose. Deconv kernels use Flax's
+so the state-dict mapping (`torch_part`) is a rename plus a transpose. Deconv kernels use Flax's
 `transpose_kernel=True` layout (4, 4, out, in), i.e. PyTorch's (in, out, 4, 4) weight transposed.
 """
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sapiens_jax import vit
+from sapiens_jax import torch_names
+from sapiens_jax.models import layers
 
 INSTANCE_NORM_EPS = 1e-5  # PyTorch InstanceNorm2d's default, not the ViT's LayerNorm eps (gotcha §10.2)
 STAGE_STRIDE = 3  # each stage is [conv, InstanceNorm2d, SiLU] in one torch Sequential: learnable indices 0, 3, 6, ...
@@ -24,14 +26,6 @@ def instance_norm(x, eps=INSTANCE_NORM_EPS):
   mean = x32.mean(axis=(1, 2), keepdims=True)
   var = jnp.square(x32 - mean).mean(axis=(1, 2), keepdims=True)
   return ((x32 - mean) * jnp.reciprocal(jnp.sqrt(var + eps))).astype(x.dtype)
-
-
-def tokens_to_map(tokens, grid):
-  """(B, h*w, C) patch tokens (cls token already dropped) -> the (B, h, w, C) map the heads read."""
-  h, w = grid
-  if tokens.ndim != 3 or tokens.shape[1] != h * w:
-    raise ValueError(f"expected patch tokens of shape (B, {h * w}, C) for a {h}x{w} grid, got {tokens.shape}")
-  return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2])
 
 
 # ConvTranspose2d(4, stride 2, padding 1) as four sub-pixel 2x2 convolutions (computed as one
@@ -90,46 +84,59 @@ class DenseHead(nn.Module):
     if features.ndim != 4:
       raise ValueError(f"head input must be an NHWC feature map (B, h, w, C), got shape {features.shape}")
     x = features.astype(self.dtype)
-    hidden_init = vit.matrix_init(nn.initializers.normal(self.kernel_std), 3)
-    bias_init = vit.partitioned(nn.initializers.zeros, (None,))
+    hidden_init = layers.matrix_init(nn.initializers.normal(self.kernel_std), 3)
+    bias_init = layers.partitioned(nn.initializers.zeros, (None,))
     for i, channels in enumerate(self.deconv_channels):
-      x = Deconv(channels, vit.partitioned(hidden_init, (None, None, None, "embed")), self.dtype,
+      x = Deconv(channels, layers.partitioned(hidden_init, (None, None, None, "embed")), self.dtype,
                  name=f"deconv_layers_{STAGE_STRIDE * i}")(x)
       x = nn.silu(instance_norm(x))
     for i, channels in enumerate(self.conv_channels):
       x = nn.Conv(channels, (1, 1), dtype=self.dtype, name=f"conv_layers_{STAGE_STRIDE * i}",
-                  kernel_init=vit.partitioned(hidden_init, (None, None, "embed", None)), bias_init=bias_init)(x)
+                  kernel_init=layers.partitioned(hidden_init, (None, None, "embed", None)), bias_init=bias_init)(x)
       x = nn.silu(instance_norm(x))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
-    final_init = vit.matrix_init(nn.initializers.normal(self.final_std), 3)
+    final_init = layers.matrix_init(nn.initializers.normal(self.final_std), 3)
     return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name=self.final_name,
-                   kernel_init=vit.partitioned(final_init, (None, None, "embed", None)), bias_init=bias_init)(x)
-
-
-def pose_head(num_keypoints, channels=768, dtype=jnp.float32):
-  """mmpose HeatmapHead: x4 upsampling to K heatmaps (64x48 -> 256x192); Normal(0.001) init, biases 0."""
-  return DenseHead((channels,) * 2, (channels,) * 2, num_keypoints, "final_layer", dtype=dtype)
+                   kernel_init=layers.partitioned(final_init, (None, None, "embed", None)), bias_init=bias_init)(x)
 
 
 # The seg/depth/normal heads (mmseg) have no init of their own that the reference records. We use
 # mmseg's decode-head init for conv_seg (Normal 0.01) and the same std for the hidden kernels: every
 # hidden layer is followed by InstanceNorm, so its scale only sets how fast it trains.
-SEG_INIT_STD = 0.01
-SEG_DROPOUT = 0.1  # mmseg's `dropout_ratio` default, never overridden (§2.4)
+MMSEG_INIT_STD = 0.01
+MMSEG_DROPOUT = 0.1  # mmseg's `dropout_ratio` default, never overridden (§2.4)
 
 
-def seg_head(num_classes, channels=768, dtype=jnp.float32):
-  """mmseg VitHead: x8 upsampling to class logits (64x48 -> 512x384)."""
-  return DenseHead((channels,) * 3, (channels,) * 3, num_classes, "conv_seg", SEG_DROPOUT,
-                   SEG_INIT_STD, SEG_INIT_STD, dtype)
+def mmseg_head(num_deconvs, num_convs, out_channels, channels, dtype):
+  """mmseg's VitHead family (seg, depth, normal): `conv_seg` last, channel dropout 0.1."""
+  return DenseHead((channels,) * num_deconvs, (channels,) * num_convs, out_channels, "conv_seg",
+                   MMSEG_DROPOUT, MMSEG_INIT_STD, MMSEG_INIT_STD, dtype)
 
 
-def depth_head(channels=384, dtype=jnp.float32):
-  """VitDepthHead: x16 upsampling to one unbounded relative-depth channel (64x48 -> 1024x768)."""
-  return DenseHead((channels,) * 4, (channels,) * 2, 1, "conv_seg", SEG_DROPOUT, SEG_INIT_STD, SEG_INIT_STD, dtype)
+# PyTorch names: `deconv_layers_{i}` / `conv_layers_{i}` (i = the torch Sequential index 0, 3, ...)
+# and the final 1x1 conv, named as in torch (`final_layer` for mmpose, `conv_seg` for mmseg).
+# Deconv kernels are Flax transpose_kernel (4, 4, out, in) and torch (in, out, 4, 4): the same
+# transpose as a conv, so both use the "conv" layout. Deconvs have no bias.
+_STAGE = re.compile(r"(deconv_layers|conv_layers)_(\d+)")
+FINAL_LAYERS = ("final_layer", "conv_seg")
 
 
-def normal_head(channels=768, dtype=jnp.float32):
-  """VitNormalHead: the seg head with 3 raw (x, y, z) outputs, not normalised (64x48 -> 512x384)."""
-  return seg_head(3, channels, dtype)
+def _torch_entries(head):
+  """Entries of the named head layers; a name that is no head layer gets none (so it is reported
+  as unmapped)."""
+  entries = []
+  for name in sorted(head):
+    stage = _STAGE.fullmatch(name)
+    if not stage and name not in FINAL_LAYERS:
+      continue
+    theirs = f"{stage.group(1)}.{stage.group(2)}" if stage else name
+    entries.append(((name, "kernel"), f"{theirs}.weight", "conv"))
+    if not name.startswith("deconv_layers"):
+      entries.append(((name, "bias"), f"{theirs}.bias", "same"))
+  return entries
+
+
+def torch_part(prefix):
+  """params["head"] under `prefix`: mmpose's "head." or mmseg's "decode_head."."""
+  return torch_names.Part("head", prefix, _torch_entries)

@@ -1,11 +1,24 @@
-"""Tests for the pose / body-part / depth / normal pictures in visualize.py."""
+"""The label pictures of visualize.py, and each task's panel (image | target | prediction) made from them."""
 import cv2
+import ml_collections
 import numpy as np
 import pytest
 
+from sapiens_jax import tasks
 from sapiens_jax import visualize
 from sapiens_jax.data import heatmaps
 from sapiens_jax.data import meta
+
+
+def _config(labels=""):
+  return ml_collections.ConfigDict({"data": {"labels": labels}})
+
+
+def _panel(task, image, target=None, prediction=None, labels=""):
+  """The task's panel of one example (holding the target under the task's TARGET key, if any)."""
+  module = tasks.get(task)
+  example = {"image": image, **({module.TARGET: target} if target is not None else {})}
+  return module.panel(_config(labels), example, prediction)
 
 COCO = meta.skeleton("coco17")
 # Three points, two links, colours that differ from their BGR reading.
@@ -109,14 +122,14 @@ def test_colorize_normals_formula_and_black_background():
   np.testing.assert_array_equal(picture[0, 2:], 0)  # masked out, and not finite
 
 
-def test_task_panel_pose_decodes_heatmaps_into_keypoints():
+def test_panel_pose_decodes_heatmaps_into_keypoints():
   height, width = 64, 48
   image = np.full((height, width, 3), 128, np.uint8)
   keypoints = np.zeros((COCO.num_keypoints, 2))
   visible = np.zeros(COCO.num_keypoints)
   keypoints[5], visible[5] = (20.0, 30.0), 1  # only the left shoulder
   target, _ = heatmaps.encode(keypoints, visible, (width, height), (width // 4, height // 4), 2.0)
-  panel = visualize.task_panel("pose", image, target=target, prediction=target, labels="coco17")
+  panel = _panel("pose", image, target=target, prediction=target, labels="coco17")
   assert panel.shape == (height, 3 * width + 2 * visualize._GAP, 3)
   np.testing.assert_array_equal(_tile(panel, 0, height, width), image)
   for col in (1, 2):
@@ -126,7 +139,7 @@ def test_task_panel_pose_decodes_heatmaps_into_keypoints():
     assert (tile == COCO.keypoint_colors[5]).all(-1).any()
 
 
-def test_task_panel_seg_argmaxes_resized_logits():
+def test_panel_seg_argmaxes_resized_logits():
   height, width = 8, 6
   image = _image(height, width)
   palette = meta.seg_classes("seg28").palette
@@ -134,7 +147,7 @@ def test_task_panel_seg_argmaxes_resized_logits():
   labels[2:5, 1:4] = 3
   logits = np.zeros((height // 2, width // 2, 28), np.float32)
   logits[..., 2] = 1.0  # class 2 everywhere
-  panel = visualize.task_panel("seg", image, target=labels, prediction=logits, labels="seg28")
+  panel = _panel("seg", image, target=labels, prediction=logits, labels="seg28")
   target_tile = _tile(panel, 1, height, width).astype(int)
   expected = (image[2:5, 1:4].astype(int) + palette[3]) / 2
   assert np.abs(target_tile[2:5, 1:4] - expected).max() <= 0.5
@@ -143,44 +156,44 @@ def test_task_panel_seg_argmaxes_resized_logits():
   assert np.abs(predicted - (image.astype(int) + palette[2]) / 2).max() <= 0.5
 
 
-def test_task_panel_depth_uses_the_target_mask_for_the_prediction():
+def test_panel_depth_uses_the_target_mask_for_the_prediction():
   height, width = 8, 6
   target = np.full((height, width), -1.0, np.float32)
   target[2:6, 2:5] = np.linspace(0, 1, 12).reshape(4, 3)
   prediction = np.random.default_rng(1).uniform(size=(height, width, 1)).astype(np.float32)
   image = _image(height, width)
-  panel = visualize.task_panel("depth", image, target=target, prediction=prediction)
+  panel = _panel("depth", image, target=target, prediction=prediction)
   background = target < 0
   for col in (1, 2):
     assert (_tile(panel, col, height, width)[background] == 100).all()
     assert (_tile(panel, col, height, width)[~background] != 100).any(-1).all()
-  alone = visualize.task_panel("depth", image, prediction=prediction)
+  alone = _panel("depth", image, prediction=prediction)
   assert alone.shape == (height, 2 * width + visualize._GAP, 3)
   assert not (_tile(alone, 1, height, width) == 100).all(-1).any()  # no mask: all foreground
 
 
-def test_task_panel_normal_normalises_predictions():
+def test_panel_normal_normalises_predictions():
   height, width = 8, 6
   target = np.full((height, width, 3), -1000.0, np.float32)
   target[:4] = (1.0, 0.0, 0.0)
   prediction = np.zeros((height // 2, width // 2, 3), np.float32)
   prediction[..., 2] = -5.0  # length 5, pointing at the camera
-  panel = visualize.task_panel("normal", _image(height, width), target=target,
+  panel = _panel("normal", _image(height, width), target=target,
                                prediction=prediction)
   target_tile, predicted = _tile(panel, 1, height, width), _tile(panel, 2, height, width)
   assert (target_tile[:4] == (255, 127, 127)).all() and not target_tile[4:].any()
   assert (predicted[:4] == (127, 127, 0)).all() and not predicted[4:].any()
 
 
-def test_task_panel_rejects_bad_input():
+def test_panel_rejects_bad_input():
   with pytest.raises(ValueError, match="uint8"):
-    visualize.task_panel("seg", np.zeros((4, 4, 3), np.float32), labels="seg28")
-  with pytest.raises(ValueError, match="mae"):
-    visualize.task_panel("mae", _image(4, 4))
+    _panel("seg", np.zeros((4, 4, 3), np.float32), labels="seg28")
+  with pytest.raises(ValueError, match="'mae'"):
+    tasks.get("mae")
   with pytest.raises(ValueError, match="4x4"):
-    visualize.task_panel("depth", _image(4, 4), target=np.zeros((4, 5)))
+    _panel("depth", _image(4, 4), target=np.zeros((4, 5)))
   with pytest.raises(ValueError, match=r"\(h, w, C\)"):
-    visualize.task_panel("depth", _image(4, 4), prediction=np.zeros((4, 4)))
+    _panel("depth", _image(4, 4), prediction=np.zeros((4, 4)))
 
 
 def test_stack_rows_fills_the_last_row_with_white():

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from sapiens_jax import tasks
 from sapiens_jax.data import dense_source
 from sapiens_jax.data import dense_transforms as dt
 from sapiens_jax.data import photometric
@@ -408,10 +409,10 @@ def test_a_bad_scale_range_names_the_field():
   config = ml_collections.ConfigDict({"task": "seg", "image_size": (64, 48), "data": {
       "backgrounds": "", "labels": "seg28", "scale_range": (2.0, 0.5)}})
   with pytest.raises(ValueError, match=r"data\.scale_range"):
-    pipeline.task_train_example(config, source=None)
+    tasks.get("seg").train_example(config, source=None)
   config.data.scale_range = ("x", 1)
   with pytest.raises(ValueError, match=r"data\.scale_range"):
-    pipeline.task_train_example(config, source=None)
+    tasks.get("seg").train_example(config, source=None)
 
 
 def test_eval_samples_are_deterministic_resizes():
@@ -474,20 +475,20 @@ def source_with(tmp_path, task, relative_path, array):
   root = make_dataset(tmp_path)
   write = write_npy if relative_path.endswith(".npy") else write_png
   write(os.path.join(root, relative_path), array)
-  return dense_source.DenseSource(root, task)
+  return dense_source.DenseSource(root, tasks.get(task).LAYOUT)
 
 
 def test_dense_source_lists_and_loads_each_task(tmp_path):
   root = make_dataset(tmp_path)
-  seg = dense_source.DenseSource(root, "seg")
+  seg = dense_source.DenseSource(root, tasks.get("seg").LAYOUT)
   assert len(seg) == 2 and [e["name"] for e in seg.elements] == ["a", "b"]
   image, targets = seg.load(seg[1])
   assert image.shape == (6, 8, 3) and image[0, 0, 0] == 40
   assert targets["label"].dtype == np.uint8 and targets["label"][2, 2] == 6
-  image, targets = dense_source.DenseSource(root, "depth").load(
-      dense_source.DenseSource(root, "depth")[0])
+  image, targets = dense_source.DenseSource(root, tasks.get("depth").LAYOUT).load(
+      dense_source.DenseSource(root, tasks.get("depth").LAYOUT)[0])
   assert set(targets) == {"mask", "depth"} and targets["mask"].sum() == 8
-  normal = dense_source.DenseSource(root, "normal")
+  normal = dense_source.DenseSource(root, tasks.get("normal").LAYOUT)
   assert normal[0]["normal_path"].endswith(os.path.join("normals", "a.npy"))
   assert normal.load(normal[0])[1]["normal"].shape == (6, 8, 3)
 
@@ -496,11 +497,11 @@ def test_dense_source_missing_label_file(tmp_path):
   root = make_dataset(tmp_path, names=("a", "b", "c"))
   os.remove(os.path.join(root, "segs", "b.png"))
   with pytest.raises(dense_source.DataError, match=r"segs.b\.png"):
-    dense_source.DenseSource(root, "seg")
-  source = dense_source.DenseSource(root, "seg", on_missing="skip")
+    dense_source.DenseSource(root, tasks.get("seg").LAYOUT)
+  source = dense_source.DenseSource(root, tasks.get("seg").LAYOUT, on_missing="skip")
   assert [e["name"] for e in source.elements] == ["a", "c"]
   assert source.num_skipped == 1
-  assert len(dense_source.DenseSource(root, "depth")) == 3
+  assert len(dense_source.DenseSource(root, tasks.get("depth").LAYOUT)) == 3
 
 
 @pytest.mark.parametrize("task, path, array, message", [
@@ -526,7 +527,7 @@ def test_dense_source_reads_palette_labels_as_indices(tmp_path):
   root = make_dataset(tmp_path)
   label = np.arange(48, dtype=np.uint8).reshape(6, 8)
   write_png(os.path.join(root, "segs", "a.png"), label, mode="P")
-  source = dense_source.DenseSource(root, "seg")
+  source = dense_source.DenseSource(root, tasks.get("seg").LAYOUT)
   np.testing.assert_array_equal(source.load(source[0])[1]["label"], label)
 
 
@@ -544,10 +545,10 @@ def test_dense_source_corrupt_image_and_bad_arguments(tmp_path):
   root = make_dataset(tmp_path)
   with open(os.path.join(root, "images", "a.png"), "wb") as f:
     f.write(b"not a png")
-  source = dense_source.DenseSource(root, "seg")
+  source = dense_source.DenseSource(root, tasks.get("seg").LAYOUT)
   with pytest.raises(dense_source.DataError, match=r"images.a\.png"):
     source.load(source[0])
-  with pytest.raises(ValueError, match="task"):
-    dense_source.DenseSource(root, "pose")
+  with pytest.raises(ValueError, match="on_missing"):
+    dense_source.DenseSource(root, tasks.get("seg").LAYOUT, on_missing="ignore")
   with pytest.raises(dense_source.DataError, match="does not exist"):
-    dense_source.DenseSource(os.path.join(root, "nowhere"), "seg")
+    dense_source.DenseSource(os.path.join(root, "nowhere"), tasks.get("seg").LAYOUT)

@@ -7,21 +7,20 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO
 from sapiens_jax import default_config
+from sapiens_jax import tasks
 from sapiens_jax import visualize
 from sapiens_jax.data import inspect
 from sapiens_jax.data import pipeline
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEIGHT, WIDTH = 64, 48
-LABELS = {"pose": "coco17", "seg": "seg28", "depth": "", "normal": ""}
+DATASETS = {"pose": "coco", "seg": "goliath_seg", "depth": "render_people_depth", "normal": "render_people_normal"}
 
 
 def _config(task):
-  config = default_config.finetune("coco", "tiny")
-  config.task = task
+  config = default_config.finetune(DATASETS[task], "tiny")
   config.data.source = "synthetic"
-  config.data.labels = LABELS[task]
   config.image_size = (HEIGHT, WIDTH)
   config.data.num_generated = 8
   config.data.num_eval = 2
@@ -52,8 +51,8 @@ def test_render_writes_a_grid_of_labelled_samples(task, workdir, tmp_path):
   assert (grid[HEIGHT + gap:, _panel_width(2) + gap:] == 255).all()  # the filler panels
   # Sample 1 is the pipeline's training example for (seed, 1).
   config = _config(task)
-  example = pipeline.task_train_example(config, pipeline.make_task_source(config, "train", workdir))(
-      1, np.random.default_rng([0, 1]))
+  source = pipeline.make_task_source(config, "train", workdir)
+  example = tasks.get(task).train_example(config, source)(1, np.random.default_rng([0, 1]))
   left = _panel_width(2) + gap
   np.testing.assert_array_equal(grid[:HEIGHT, left:left + WIDTH],
                                 example["image"])

@@ -1,9 +1,9 @@
-"""The Sapiens ViT encoder: written once, used by MAE pretraining and by every task head.
+"""Transformer pieces shared by the backbones and the MAE decoder: pre-norm blocks, attention, MLP,
+fixed sin-cos position tables, initialisers, scan and remat.
 
-Parameter names mirror the original PyTorch state dict (`patch_embed`, `cls_token`, `pos_embed`,
-`layers_{i}/{ln1,attn/{qkv,proj}_{kernel,bias},ln2,ffn/fc1,ffn/fc2}`, final `ln1`) so weight conversion is a
-rename plus a transpose. Every parameter and activation carries logical axis names; how they map
-onto a device mesh is decided by the sharding rules, not here.
+Every parameter and activation carries logical axis names; how they map onto a device mesh is
+decided by the sharding rules, not here. `block_torch_entries` names a block's parameters as the
+original mmcv code does, next to the block it names.
 """
 import math
 from typing import Any
@@ -13,16 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# name: (width C, depth L, heads). The four Sapiens sizes are the paper's Table 2; "tiny" is for
-# unit tests and "small" for the CPU quickstart.
-SIZES = {
-    "0.3b": (1024, 24, 16),
-    "0.6b": (1280, 32, 16),
-    "1b": (1536, 40, 24),
-    "2b": (1920, 48, 32),
-    "small": (192, 6, 3),
-    "tiny": (64, 2, 4),
-}
+from sapiens_jax import torch_names
 
 LN_EPS = 1e-6  # every LayerNorm in Sapiens (blocks, final norm, MAE decoder)
 
@@ -32,13 +23,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,       # keep matmul outputs, recompute the rest
     "full": jax.checkpoint_policies.nothing_saveable,      # keep only block inputs
 }
-
-
-def size_dims(size):
-  """(width, depth, heads) for a size name, with an error that lists the valid names."""
-  if size not in SIZES:
-    raise ValueError(f"config.model.size={size!r} is not a known size; expected one of {sorted(SIZES)}")
-  return SIZES[size]
 
 
 def partitioned(init_fn, names):
@@ -154,22 +138,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(ln1(x)), then x + ffn(ln2(x)); no layer scale."""
+  """Pre-norm transformer block: x + attn(ln1(x)), then x + ffn(ln2(x)); no layer scale.
+
+  Its second argument and output exist so nn.scan can use it as (carry, x) -> (carry, y).
+  """
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, unused=None):
     x = x + Attention(self.num_heads, self.dtype, name="attn")(layer_norm("ln1", self.dtype)(x))
     x = x + Mlp(4 * x.shape[-1], self.dtype, name="ffn")(layer_norm("ln2", self.dtype)(x))
-    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-
-
-class ScanBlock(Block):
-  """A Block in the (carry, x) -> (carry, y) form that nn.scan wants."""
-
-  def __call__(self, x, _):
-    return super().__call__(x), None
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), unused
 
 
 def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
@@ -178,9 +158,7 @@ def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
   policy = REMAT_POLICIES[remat_policy]
-  block = ScanBlock if scan else Block
-  if policy is not None:
-    block = nn.remat(block, policy=policy, prevent_cse=not scan)
+  block = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=not scan)
   if not scan:
     return [block(num_heads, dtype, name=None if name is None else f"{name}_{i}") for i in range(depth)]
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
@@ -190,76 +168,34 @@ def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
 def run_blocks(blocks, x):
   if isinstance(blocks, (list, tuple)):
     for block in blocks:
-      x = block(x)
+      x = block(x)[0]
     return x
   return blocks(x, None)[0]
 
 
-class ViT(nn.Module):
-  """Sapiens ViT: patch-16 conv embedding, optional cls token, L pre-norm blocks, final LayerNorm.
-
-  `embed` and `encode` are separate so MAE can drop tokens between them; `__call__` runs both.
-  """
-  width: int
-  depth: int
-  num_heads: int
-  image_size: tuple  # (H, W)
-  patch_size: int = 16
-  use_cls_token: bool = True
-  patch_padding: int = 0  # some task finetunes pad the patch conv by 2 (reference §1.3)
-  dtype: Any = jnp.float32
-  scan_layers: bool = False
-  remat_policy: str = "none"
-
-  @property
-  def grid(self):
-    p, pad = self.patch_size, self.patch_padding
-    h, w = self.image_size
-    return ((h + 2 * pad - p) // p + 1, (w + 2 * pad - p) // p + 1)
-
-  def setup(self):
-    p, c = self.patch_size, self.width
-    self.patch_embed = nn.Conv(
-        c, (p, p), strides=(p, p), padding=self.patch_padding, dtype=self.dtype,
-        # Xavier over PyTorch's (C, 3*p*p) view of the kernel.
-        kernel_init=partitioned(
-            matrix_init(nn.initializers.xavier_uniform(), 3), (None, None, None, "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)))
-    extra = 1 if self.use_cls_token else 0
-    if self.use_cls_token:
-      self.cls_token = self.param(
-          "cls_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, c))
-    gh, gw = self.grid
-    self.pos_embed = self.param(
-        "pos_embed", partitioned(sincos_init(self.grid, extra), (None, None, "embed")), (1, extra + gh * gw, c))
-    self.layers = make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers, self.remat_policy)
-    self.ln1 = layer_norm("ln1", self.dtype)
-
-  def embed(self, images):
-    """(B, H, W, 3) images -> (B, N, C) patch tokens with their position embedding added."""
-    if tuple(images.shape[1:3]) != tuple(self.image_size):
-      raise ValueError(f"ViT built for images of {tuple(self.image_size)} (H, W), got {tuple(images.shape[1:3])}")
-    x = self.patch_embed(images.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, self.width)
-    extra = 1 if self.use_cls_token else 0
-    x = x + self.pos_embed[:, extra:].astype(self.dtype)
-    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-
-  def encode(self, tokens):
-    """(B, n, C) tokens -> prepend cls (with its position slot) -> blocks -> final norm."""
-    if self.use_cls_token:
-      cls = (self.cls_token + self.pos_embed[:, :1]).astype(self.dtype)
-      tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], axis=1)
-    return self.ln1(run_blocks(self.layers, tokens))
-
-  def __call__(self, images):
-    return self.encode(self.embed(images))
+def activation_bytes(width, depth, num_heads, tokens, itemsize):
+  """Rough bytes of activations one example keeps for the backward pass in `depth` Blocks (no
+  remat): per token and block ~16 widths (norm outputs, q/k/v, attention output, 2 x 4C MLP,
+  residual) plus one row of attention probabilities per head."""
+  return depth * tokens * (16 * width + num_heads * tokens) * itemsize
 
 
-def vit_from_config(model_config, image_size, use_cls_token=True):
-  width, depth, heads = size_dims(model_config.size)
-  return ViT(width=width, depth=depth, num_heads=heads, image_size=tuple(image_size),
-             patch_size=model_config.patch_size, patch_padding=model_config.patch_padding,
-             use_cls_token=use_cls_token,
-             dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
-             remat_policy=model_config.remat_policy)
+def tokens_to_map(tokens, grid):
+  """(B, h*w, C) patch tokens (prefix tokens already dropped) -> the (B, h, w, C) map heads read."""
+  h, w = grid
+  if tokens.ndim != 3 or tokens.shape[1] != h * w:
+    raise ValueError(f"expected patch tokens of shape (B, {h * w}, C) for a {h}x{w} grid, got {tokens.shape}")
+  return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2])
+
+
+def block_torch_entries(ours, theirs):
+  """A Block's (path, PyTorch key, layout) entries; `ours`/`theirs` are its name in each tree
+  (mmcv's names: ln1, attn.qkv, attn.proj, ln2, ffn.layers.0.0, ffn.layers.1)."""
+  entries = torch_names.norm_entries((ours, "ln1"), f"{theirs}.ln1")
+  entries += torch_names.norm_entries((ours, "ln2"), f"{theirs}.ln2")
+  entries += [((ours, "attn", name), f"{theirs}.attn.{key}", layout) for name, key, layout in (
+      ("qkv_kernel", "qkv.weight", "qkv_kernel"), ("qkv_bias", "qkv.bias", "reshape"),
+      ("proj_kernel", "proj.weight", "proj_kernel"), ("proj_bias", "proj.bias", "same"))]
+  entries += torch_names.dense_entries((ours, "ffn", "fc1"), f"{theirs}.ffn.layers.0.0")
+  entries += torch_names.dense_entries((ours, "ffn", "fc2"), f"{theirs}.ffn.layers.1")
+  return entries

@@ -1,6 +1,5 @@
 """Fine-tuning end to end on CPU: every task trains on synthetic humans, is evaluated with its
 metrics, keeps its best checkpoint, and resumes exactly."""
-import importlib.util
 import json
 import os
 import shutil
@@ -9,53 +8,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from sapiens_jax import checkpoint
 from sapiens_jax import train
 from sapiens_jax import writers
+from sapiens_jax.objectives import finetune
 
 MAIN_METRIC = {"pose": "eval_AP", "seg": "eval_mIoU", "depth": "eval_rmse", "normal": "eval_mean_angle"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def synthetic_config(task):
-  """configs/synthetic.py:TASK."""
-  spec = importlib.util.spec_from_file_location("synthetic", os.path.join(REPO, "configs", "synthetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(task)
-
-
-def tiny_finetune_config(task):
-  """configs/synthetic.py:TASK, shrunk to seconds: a 2-block ViT on 64x48 images."""
-  c = synthetic_config(task)
-  c.model.size = "tiny"
-  c.image_size = (64, 48)
-  c.batch_size = c.eval_batch_size = 4
-  c.total_steps = 6
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = c.eval_every_steps = 3
-  c.model.head_channels = 16
-  c.optim.warmup_steps = 1
-  c.data.num_generated = 8
-  c.data.num_eval = 4
-  if task == "pose":
-    c.heatmap_sigma = 1.0
-  return c
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-  """One rendered dataset shared by every task (train and eval splits)."""
-  root = tmp_path_factory.mktemp("synthetic")
-  config = tiny_finetune_config("pose")
-  config.data.path = str(root)
-  from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.ensure_synthetic_data(config, "")
-  return str(root)
-
-
 @pytest.mark.parametrize("task", ["pose", "seg", "depth", "normal"])
-def test_each_task_trains_evaluates_and_keeps_its_best_checkpoint(task, synthetic_root, tmp_path):
-  config = tiny_finetune_config(task)
+def test_each_task_trains_evaluates_and_keeps_its_best_checkpoint(task, finetune_config, synthetic_root, tmp_path):
+  config = finetune_config(task)
   config.data.path = synthetic_root
   train.train_and_evaluate(config, str(tmp_path))
   records = writers.read_metrics(tmp_path)
@@ -66,8 +27,7 @@ def test_each_task_trains_evaluates_and_keeps_its_best_checkpoint(task, syntheti
   assert all(np.isfinite(r[MAIN_METRIC[task]]) for r in evals)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   grid = np.asarray(Image.open(tmp_path / "predictions" / "step_0000006.png"))
-  tiles = 2 if task == "pose" else 3  # image | (target) | prediction
-  assert grid.shape[1] >= tiles * 48 and grid.shape[0] >= 2 * 64 and grid.std() > 0
+  assert grid.shape[1] >= 3 * 48  # image | target | prediction and grid.shape[0] >= 2 * 64 and grid.std() > 0
   # Exactly one best checkpoint: the step with the best main metric (the later one on a tie).
   sign = 1 if task in ("depth", "normal") else -1
   values = {r["step"]: r[MAIN_METRIC[task]] for r in evals}
@@ -76,8 +36,8 @@ def test_each_task_trains_evaluates_and_keeps_its_best_checkpoint(task, syntheti
   assert kept == [str(best)], (values, kept)
 
 
-def test_finetuning_resumes_exactly(synthetic_root, tmp_path):
-  config = tiny_finetune_config("seg")  # dropout and augmentation: both must replay
+def test_finetuning_resumes_exactly(finetune_config, synthetic_root, tmp_path):
+  config = finetune_config("seg")  # dropout and augmentation: both must replay
   config.data.path = synthetic_root
   config.eval_every_steps = 100
   full, cut = tmp_path / "full", tmp_path / "cut"
@@ -105,17 +65,18 @@ def test_finetuning_resumes_exactly(synthetic_root, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["pose", "seg"])
-def test_exported_task_model_matches_pytorch(task, tmp_path):
+def test_exported_task_model_matches_pytorch(task, finetune_config):
   """Backbone (patch padding 2 for pose, none for seg) + head, exported with the reference's task
   keys, loads strictly into an independent PyTorch model and gives the same outputs."""
   import torch  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from sapiens_jax import torch_names, vit  # pylint: disable=g-import-not-at-top,multiple-imports
+  from sapiens_jax import torch_names  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.models import sapiens  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 
-  config = tiny_finetune_config(task)
-  model = train.build_model(config)
+  config = finetune_config(task)
+  model = finetune.build_model(config)
   import photos  # pylint: disable=g-import-not-at-top
   from sapiens_jax.data import transforms  # pylint: disable=g-import-not-at-top
   noise = np.random.default_rng(0).normal(size=(1, 64, 48, 3)).astype(np.float32)
@@ -124,8 +85,9 @@ def test_exported_task_model_matches_pytorch(task, tmp_path):
   params = jax.tree.map(lambda p: p + 0.01 * np.random.default_rng(2).normal(size=p.shape).astype(p.dtype), params)
   ours = np.asarray(model.apply({"params": params}, images))
 
-  state_dict = torch_names.to_torch(jax.device_get(params), prefix="backbone.")
-  width, depth, num_heads = vit.size_dims("tiny")
+  state_dict = torch_names.to_torch(jax.device_get(params), finetune.torch_parts(config))
+  dims = sapiens.size("tiny")
+  width, depth, num_heads = dims.width, dims.depth, dims.num_heads
   grid = model.encoder.grid
   backbone = torch_reference.SapiensViT(width, depth, num_heads, (64, 48), with_cls_token=False,
                                         padding=config.model.patch_padding)
@@ -142,39 +104,42 @@ def test_exported_task_model_matches_pytorch(task, tmp_path):
   assert config.model.patch_padding == (2 if task == "pose" else 0)  # reference §1.3
 
 
-def test_finetuning_starts_from_an_mae_run_of_ours(tiny_config, tmp_path, caplog):
+def test_finetuning_starts_from_an_mae_run_of_ours(tiny_config, finetune_config, tmp_path, caplog):
   """The encoder of an MAE workdir drops into a task model: cls token dropped, 4x4 position grid
   resized to 4x3, blocks identical; the head starts fresh, with a warning saying so."""
   import logging  # pylint: disable=g-import-not-at-top
-  from sapiens_jax import export, init_from, posemb  # pylint: disable=g-import-not-at-top,multiple-imports
+  from sapiens_jax import init_from  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.models import posemb  # pylint: disable=g-import-not-at-top
   tiny_config.total_steps = 2
   tiny_config.checkpoint_every_steps = 2
   train.train_and_evaluate(tiny_config, str(tmp_path / "mae"))  # 64x64 images: a 4x4 grid
-  mae_params, _ = export.restore_params(str(tmp_path / "mae"))
+  mae_params, _, _ = checkpoint.restore_params(str(tmp_path / "mae"))
 
-  config = tiny_finetune_config("pose")
+  config = finetune_config("pose")
   config.init_from = str(tmp_path / "mae")
   with caplog.at_level(logging.INFO):
-    params = init_from.load_params(config.init_from, export.abstract_params(config), config)
+    params = init_from.load_params(config.init_from, checkpoint.abstract_params(config), config)
   assert "cls_token" not in params["encoder"] and "decoder" not in params
   np.testing.assert_array_equal(params["encoder"]["layers_1"]["attn"]["qkv_kernel"],
                                 mae_params["encoder"]["layers_1"]["attn"]["qkv_kernel"])
   expected = posemb.resize_pos_embed(mae_params["encoder"]["pos_embed"], (4, 4), (4, 3), 1, 0)
   np.testing.assert_array_equal(params["encoder"]["pos_embed"], expected)
   assert params["encoder"]["pos_embed"].shape == (1, 12, 64)
-  assert any("task head" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+  assert any("has no head (head.*)" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-def test_an_original_task_checkpoint_loads_its_head_when_it_fits(tmp_path, caplog):
+def test_an_original_task_checkpoint_loads_its_head_when_it_fits(finetune_config, tmp_path, caplog):
   """A reference-format pose checkpoint ({'state_dict': backbone.* + head.*}) loads backbone and
   head; the same file into a 133-keypoint config keeps the backbone and starts the head fresh."""
   import logging  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from sapiens_jax import export, init_from, vit  # pylint: disable=g-import-not-at-top,multiple-imports
+  from sapiens_jax import init_from  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.models import sapiens  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 
-  config = tiny_finetune_config("pose")
-  width, depth, num_heads = vit.size_dims("tiny")
+  config = finetune_config("pose")
+  dims = sapiens.size("tiny")
+  width, depth, num_heads = dims.width, dims.depth, dims.num_heads
   torch.manual_seed(0)
   backbone = torch_reference.SapiensViT(width, depth, num_heads, (64, 48), with_cls_token=False, padding=2)
   head = torch_reference.PoseHead(width, 17, channels=16)
@@ -182,13 +147,13 @@ def test_an_original_task_checkpoint_loads_its_head_when_it_fits(tmp_path, caplo
   path = tmp_path / "sapiens_tiny_coco_best_coco_AP.pth"
   torch.save({"state_dict": model.state_dict()}, path)
 
-  params = init_from.load_params(str(path), export.abstract_params(config), config)
+  params = init_from.load_params(str(path), checkpoint.abstract_params(config), config)
   np.testing.assert_array_equal(params["head"]["final_layer"]["kernel"],
                                 head.final_layer.weight.detach().numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(params["encoder"]["pos_embed"], backbone.pos_embed.detach().numpy())
 
   config.data.labels = "coco_wholebody133"
-  fresh = export.abstract_params(config)
+  fresh = checkpoint.abstract_params(config)
   with caplog.at_level(logging.INFO):
     params = init_from.load_params(str(path), fresh, config)
   assert params["head"] is fresh["head"]  # left as the model's own (fresh) head
@@ -196,12 +161,12 @@ def test_an_original_task_checkpoint_loads_its_head_when_it_fits(tmp_path, caplo
   assert any("head does not fit" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(synthetic_root):
+def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(finetune_config, synthetic_root):
   """Heatmaps made from the ground truth, in each eval crop's coordinates, go through the whole eval
   path (crop centre/scale, DARK-UDP decode, back to image pixels, pycocotools OKS) to AP ~ 1."""
   from sapiens_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sapiens_jax.data import heatmaps, pipeline, pose_transforms  # pylint: disable=g-import-not-at-top,multiple-imports
-  config = tiny_finetune_config("pose")
+  config = finetune_config("pose")
   config.data.path = synthetic_root
   config.data.num_eval = 0  # every person of the eval split
   source = pipeline.make_task_source(config, "eval")
@@ -214,19 +179,21 @@ def test_pose_evaluation_of_perfect_heatmaps_scores_ap_one(synthetic_root):
       person = source[min(row + i, len(source) - 1)]
       matrix = pose_transforms.udp_affine_matrix(batch["center"][i], batch["scale"][i], 0.0, (w, h))
       in_crop = pose_transforms.transform_points(person["keypoints"], matrix)
-      maps.append(heatmaps.encode(in_crop, person["visible"], (w, h), (w // 4, h // 4), config.heatmap_sigma)[0])
+      np.testing.assert_allclose(batch["keypoints"][i], in_crop, atol=1e-3)  # what eval examples carry
+      maps.append(heatmaps.encode(in_crop, person["visible"], (w, h), (w // 4, h // 4),
+                                  config.loss.heatmap_sigma)[0])
     row += len(batch["image"])
     evaluator.add(np.stack(maps), batch)
   assert evaluator.result()["AP"] > 0.95
 
 
-def test_trivial_baselines_score_what_their_constants_should(synthetic_root):
+def test_trivial_baselines_score_what_their_constants_should(finetune_config, synthetic_root):
   """The constants RESULTS.md compares against, recomputed here from the eval targets themselves."""
   from sapiens_jax import baselines  # pylint: disable=g-import-not-at-top
   from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   def targets(task):
-    config = tiny_finetune_config(task)
+    config = finetune_config(task)
     config.data.path = synthetic_root
     source = pipeline.make_task_source(config, "eval")
     batches = list(pipeline.eval_batches(config, source, config.eval_batch_size))
@@ -249,14 +216,14 @@ def test_trivial_baselines_score_what_their_constants_should(synthetic_root):
   angles = np.degrees(np.arccos(np.clip(foreground @ mean, -1, 1)))
   assert baselines.evaluate_baseline(config)["mean_angle"] == pytest.approx(angles.mean(), abs=1e-3)
 
-  config = tiny_finetune_config("pose")
+  config = finetune_config("pose")
   config.data.path = synthetic_root
   assert 0 <= baselines.evaluate_baseline(config)["AP"] < 0.95
 
 
-def test_a_synthetic_dataset_made_with_other_settings_is_not_reused(synthetic_root):
+def test_a_synthetic_dataset_made_with_other_settings_is_not_reused(finetune_config, synthetic_root):
   from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = tiny_finetune_config("seg")
+  config = finetune_config("seg")
   config.data.path = synthetic_root
   pipeline.ensure_synthetic_data(config, "")  # same settings: reused as it is
   config.data.framing = "scene"

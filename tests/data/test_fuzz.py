@@ -65,7 +65,8 @@ def one_epoch_of_skips(iterator, num_records):
 def task_config(task, path, on_error):
   config = default_config.finetune("coco" if task == "pose" else "goliath_seg", "tiny")
   config.image_size = (64, 48)
-  config.heatmap_sigma = 1.0
+  if task == "pose":
+    config.loss.heatmap_sigma = 1.0
   config.data.path = path
   config.data.annotations = os.path.join(path, "person_keypoints.json") if task == "pose" else ""
   config.data.on_error = on_error

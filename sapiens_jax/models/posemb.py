@@ -108,3 +108,22 @@ def resize_pos_embed(pos, old_grid, new_grid, num_extra_in, num_extra_out):
   grid = pos[0, num_extra_in:].reshape(h, w, -1)
   grid = resize_bicubic_torch(grid, new_grid).reshape(1, new_grid[0] * new_grid[1], -1)
   return np.concatenate([pos[:, :num_extra_out], grid.astype(pos.dtype)], axis=1)
+
+
+def fit_table(state_dict, key, wanted_shape, extra_in, extra_out, source_grid, target_grid, what):
+  """Resizes the position table `state_dict[key]` (in place) to `target_grid` with
+  `extra_out` leading rows, when its shape or grid differs; returns what was done, for the log.
+
+  The source grid is `source_grid` where known, else inferred from the token count (square or
+  4:3). A table whose width differs is left for the caller's shape check to report.
+  """
+  pos = state_dict[key]
+  same_grid = source_grid is None or tuple(source_grid) == tuple(target_grid)
+  if (pos.shape == tuple(wanted_shape) and same_grid) or pos.ndim != 3 or pos.shape[-1] != wanted_shape[-1]:
+    return []
+  try:
+    grid = source_grid or infer_grid(pos.shape[1] - extra_in)
+  except ValueError as e:
+    raise ValueError(f"init_from={what!r}, {key} of shape {pos.shape}: {e}") from None
+  state_dict[key] = resize_pos_embed(pos, grid, target_grid, extra_in, extra_out)
+  return [f"{key} {grid[0]}x{grid[1]}+{extra_in} -> {target_grid[0]}x{target_grid[1]}+{extra_out}"]

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from sapiens_jax import evaluate
-from sapiens_jax import mae
-from sapiens_jax import task_model
-from sapiens_jax import train
+from sapiens_jax import objectives
+from sapiens_jax import tasks
 from sapiens_jax.data import meta
 from sapiens_jax.data import pipeline
 from sapiens_jax.data import transforms
-from test_finetune import synthetic_root  # pylint: disable=unused-import  (a fixture)
-from test_finetune import tiny_finetune_config
+from sapiens_jax.objectives import mae
+from sapiens_jax.prng import example_keys
 
 TASKS = ("pose", "seg", "depth", "normal")
 
@@ -42,8 +41,9 @@ def test_mae_loss_on_the_uint8_batch_equals_the_host_normalised_one(tiny_config)
   batch = next(pipeline.make_pretrain_iterator(config.data, image_size=(32, 32), batch_size=2, seed=0))
   assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 32, 32, 3)
   images = host_normalized(batch["image"])
-  model = train.build_model(config)
-  keys = mae.example_keys(jax.random.key(3), 2)
+  objective = objectives.get(config)
+  model = objective.build_model(config)
+  keys = example_keys(jax.random.key(3), 2)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, keys)["params"])
 
   @jax.jit
@@ -51,7 +51,7 @@ def test_mae_loss_on_the_uint8_batch_equals_the_host_normalised_one(tiny_config)
     pred, mask = model.apply({"params": p}, images, keys)
     return mae.mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), pred
 
-  new, (new_pred, _) = jax.jit(lambda p, b: train.loss_fn(p, model, b, keys, config))(params, batch)
+  new, (new_pred, _) = jax.jit(lambda p, b: objective.loss(model, p, {}, b, keys, config))(params, batch)
   old, old_pred = old_loss(params, images)
   assert np.isfinite(float(new)) and float(new) > 0
   np.testing.assert_allclose(new, old, rtol=1e-5)
@@ -59,8 +59,8 @@ def test_mae_loss_on_the_uint8_batch_equals_the_host_normalised_one(tiny_config)
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_task_pipelines_ship_uint8_images(task, synthetic_root):
-  config = tiny_finetune_config(task)
+def test_task_pipelines_ship_uint8_images(task, finetune_config, synthetic_root):
+  config = finetune_config(task)
   config.data.path = synthetic_root
   batch = next(pipeline.make_task_iterator(config, batch_size=2, seed=0))
   assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 64, 48, 3)
@@ -69,24 +69,25 @@ def test_task_pipelines_ship_uint8_images(task, synthetic_root):
   assert eval_batch["image"].dtype == np.uint8 and eval_batch["image"].shape == (2, 64, 48, 3)
 
 
-def test_pose_loss_and_flip_test_on_uint8_equal_the_host_normalised_path(synthetic_root):
-  config = tiny_finetune_config("pose")
+def test_pose_loss_and_flip_test_on_uint8_equal_the_host_normalised_path(finetune_config, synthetic_root):
+  config = finetune_config("pose")
   config.data.path = synthetic_root
+  objective = objectives.get(config)
   batch = next(pipeline.make_task_iterator(config, batch_size=2, seed=0))
-  batch = {k: batch[k] for k in train.batch_keys(config)}
+  batch = {k: batch[k] for k in tuple(objective.batch_spec(config, 1))}
   images = host_normalized(batch["image"])
-  model = train.build_model(config)
+  model = objective.build_model(config)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images)["params"])
-  keys = mae.example_keys(jax.random.key(5), 2)  # the dropout key is keys[0]
+  keys = example_keys(jax.random.key(5), 2)  # the dropout key is keys[0]
 
-  new_loss, new_outputs = jax.jit(lambda p, b: train.loss_fn(p, model, b, keys, config))(params, batch)
+  new_loss, new_outputs = jax.jit(lambda p, b: objective.loss(model, p, {}, b, keys, config))(params, batch)
   old_outputs = jax.jit(lambda p, x: model.apply({"params": p}, x, train=True, rngs={"dropout": keys[0]}))(
       params, images)
-  old_loss = task_model.loss(config, old_outputs, batch)
+  old_loss = tasks.get(config.task).loss(config, old_outputs, batch)
   np.testing.assert_allclose(new_outputs, old_outputs, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new_loss, old_loss, rtol=1e-4)
 
-  predicted = jax.jit(lambda p, x: evaluate.predict(p, x, model=model, config=config))(params, batch["image"])
+  predicted = jax.jit(lambda p, x: evaluate.eval_outputs(p, x, model=model, config=config))(params, batch["image"])
   flip_indices = np.asarray(meta.skeleton(config.data.labels).flip_indices)
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
   plain = forward(params, images)

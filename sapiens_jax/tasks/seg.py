@@ -1,0 +1,133 @@
+"""Body-part segmentation (reference §5): mmseg's VitHead over 20 / 28 classes, class-weighted
+cross-entropy, mIoU / mAcc / aAcc from one confusion matrix over the split, palette overlays."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sapiens_jax import losses
+from sapiens_jax import metrics
+from sapiens_jax import visualize
+from sapiens_jax.data import dense_source
+from sapiens_jax.data import dense_transforms
+from sapiens_jax.data import meta
+from sapiens_jax.tasks import dense
+from sapiens_jax.tasks import heads
+
+TORCH_PREFIX = "decode_head."  # mmseg's
+TARGET = "label"
+LAYOUT = (dense_source.LabelFile("segs", ".png", "label"),)
+METRICS = {"mIoU": "max", "mAcc": "max", "aAcc": "max"}
+
+
+def configure(config, dataset, size):
+  del dataset, size
+  config.best_metric = "mIoU"
+
+
+def classes(config):
+  return meta.seg_classes(config.data.labels)
+
+
+def head(num_classes, channels=768, dtype=jnp.float32):
+  """mmseg VitHead: x8 upsampling to class logits (64x48 -> 512x384)."""
+  return heads.mmseg_head(3, 3, num_classes, channels, dtype)
+
+
+def make_head(config):
+  return head(classes(config).num_classes, config.model.head_channels, jnp.dtype(config.model.dtype))
+
+
+def target_spec(config, batch_size):
+  return {"label": jax.ShapeDtypeStruct((batch_size, *config.image_size), jnp.int32)}
+
+
+def loss(config, outputs, batch):
+  return losses.seg_cross_entropy(outputs, batch["label"], jnp.asarray(classes(config).class_weight))
+
+
+def eval_outputs(forward, images, config):
+  """Class ids at the label resolution."""
+  return jnp.argmax(losses.resize_to(forward(images), tuple(config.image_size)), axis=-1).astype(jnp.int32)
+
+
+# Data: a dense folder of LAYOUT (or its shards), through the reference recipes (§5).
+make_source = functools.partial(dense.make_source, LAYOUT)
+
+
+def train_example(config, source):
+  """The reference recipe (§5.3); the flip swaps left and right part labels."""
+  return dense.train_example(dense_transforms.seg_train_sample, config, source,
+                             swap_pairs=classes(config).swap_pairs)
+
+
+eval_example = functools.partial(dense.eval_example, dense_transforms.seg_eval_sample)
+convert_records = functools.partial(dense.convert_records, LAYOUT)
+
+
+class Evaluator:
+  def __init__(self, config, source):
+    del source
+    self.num_classes = classes(config).num_classes
+    self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+  def add(self, labels, batch):
+    for i in np.flatnonzero(batch["valid"]):
+      self.confusion += metrics.confusion_matrix(labels[i], batch["label"][i], self.num_classes)
+
+  def result(self):
+    return {k: v for k, v in metrics.seg_metrics(self.confusion).items() if np.ndim(v) == 0}
+
+
+def baseline(config, source, batches):
+  """The split's most frequent class everywhere."""
+  del config, source
+  counts = 0
+  for batch in batches():
+    labels = batch["label"][batch["valid"]].ravel()
+    counts = counts + np.bincount(labels[labels != dense_transforms.IGNORE_INDEX], minlength=256)
+  majority = np.argmax(counts)
+  return lambda batch: np.full(batch["label"].shape, majority, np.int32)
+
+
+def resize_labels(logits, height, width):
+  """Argmax of the logits resized (bilinear, half-pixel centres) to (height, width), a channel at a
+  time, so a large photo never holds all C resized channels at once."""
+  best = np.full((height, width), -np.inf, np.float32)
+  labels = np.zeros((height, width), np.uint8)
+  for c in range(logits.shape[-1]):
+    channel = dense.resize_map(logits[..., c:c + 1], height, width)[..., 0]
+    better = channel > best  # strict: ties keep the lower class, as argmax
+    labels[better], best[better] = c, channel[better]
+  return labels
+
+
+def panel(config, example, prediction=None):
+  """[image | target parts | predicted parts], the palette blended over the image."""
+  image = example["image"]
+  palette = classes(config).palette
+  tiles = [image]
+  if TARGET in example:
+    tiles.append(visualize.overlay_parts(image, example[TARGET], palette))
+  if prediction is not None:
+    tiles.append(visualize.overlay_parts(image, resize_labels(prediction, *image.shape[:2]), palette))
+  return visualize.row(tiles)
+
+
+predict_inputs = dense.predict_inputs
+predict_outputs = dense.raw_outputs  # resized to each photo on the host
+
+
+def finish(config, image, outputs, context):
+  del config, context
+  return {"labels": resize_labels(outputs[0], *image.shape[:2])}
+
+
+def write_prediction(config, stem, file_name, image, prediction, context):
+  """STEM_seg.png (uint8 class ids) and STEM_seg_overlay.png (the palette over the photo)."""
+  del file_name, context
+  visualize.save_png(stem + "_seg.png", prediction["labels"])
+  palette = classes(config).palette
+  visualize.save_png(stem + "_seg_overlay.png", visualize.overlay_parts(image, prediction["labels"], palette))
+  return []
