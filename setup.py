@@ -34,5 +34,10 @@ setuptools.setup(
                  "ipykernel>=6.29", "scikit-image>=0.22"],
         # Exact pin: any looser spelling may pull a CUDA build of several GB.
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
+        # Accelerators: JAX with its CUDA plugin (NVIDIA GPUs; cuDNN fused attention) or libtpu
+        # (Cloud TPU VMs; Pallas splash attention), JAX's own spellings of the two.
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "cuda13": ["jax[cuda13]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
     },
 )

@@ -24,7 +24,10 @@ port=$(python -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); 
 declare -A running  # pid -> process index
 trap 'kill "${!running[@]}" 2>/dev/null; exit 143' INT TERM
 for ((i = 0; i < num_processes; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices_per_process" \
+  # The concurrency-optimised CPU scheduler can start collectives in different orders on different
+  # device threads and deadlock (tests/fake_devices.py).
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices_per_process \
+--xla_cpu_enable_concurrency_optimized_scheduler=false" \
     python -m sapiens_jax.main "$@" --coordinator_address="localhost:$port" \
       --num_processes="$num_processes" --process_id="$i" > >(sed -u "s/^/[process $i] /") 2>&1 &
   running[$!]=$i

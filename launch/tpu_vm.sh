@@ -21,5 +21,5 @@ gcloud compute tpus tpu-vm scp /tmp/sapiens_jax.tgz "$TPU_NAME":~/ --zone="$ZONE
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e
   mkdir -p ~/sapiens_jax && tar xzf ~/sapiens_jax.tgz -C ~/sapiens_jax && cd ~/sapiens_jax
-  python3 -m pip install --quiet -e . 'jax[tpu]'
+  python3 -m pip install --quiet -e '.[tpu]'
   python3 -m sapiens_jax.main $(printf '%q ' "$@") --coordinator_address=$coordinator:8482"

@@ -20,8 +20,10 @@ import orbax.checkpoint as ocp
 from sapiens_jax import default_config
 from sapiens_jax import objectives
 
-# Config entries that change the shapes of the saved state.
+# Config entries that change the shapes of the saved state, and the model keys among them that only
+# choose how it is computed (a run may resume with another attention path or remat policy).
 _SHAPE_KEYS = ("model", "image_size")
+_COMPUTE_ONLY = ("attention", "remat_policy", "dtype")
 
 
 class MismatchError(ValueError):
@@ -63,8 +65,9 @@ def check_compatible(manager, step, config):
   for key in _SHAPE_KEYS:
     old, new = saved.get(key), wanted.get(key)
     if isinstance(old, dict) and isinstance(new, dict):
+      keys = sorted((set(old) | set(new)) - set(_COMPUTE_ONLY))
       diffs += [f"{key}.{k}: checkpoint has {old.get(k)!r}, config has {new.get(k)!r}"
-                for k in sorted(set(old) | set(new)) if _norm(old.get(k)) != _norm(new.get(k))]
+                for k in keys if _norm(old.get(k)) != _norm(new.get(k))]
     elif _norm(old) != _norm(new):
       diffs.append(f"{key}: checkpoint has {old!r}, config has {new!r}")
   if diffs:

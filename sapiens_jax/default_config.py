@@ -71,7 +71,9 @@ def _run(objective, size, batch_size, total_steps, image_size):
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
   c.model.scan_layers = size in TABLE2_BATCH  # one compiled block body for all layers
   # Activation checkpointing (sapiens_jax.models.layers.REMAT_POLICIES): more of it for bigger models.
-  c.model.remat_policy = {"0.3b": "dots", "0.6b": "dots", "1b": "full", "2b": "full"}.get(size, "none")
+  c.model.remat_policy = {"0.3b": "qkv_proj", "0.6b": "qkv_proj", "1b": "full", "2b": "full"}.get(size, "none")
+  # auto: blocked online-softmax on CPU, cuDNN on GPU (16-bit), Pallas splash on TPU (models/attention.py)
+  c.model.attention = "auto"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4       # peak lr = base_lr * batch_size / lr_base_batch
@@ -154,12 +156,14 @@ def finetune(dataset, size):
 
 
 def upgrade(saved):
-  """A config dict saved before backbones, objectives and tasks were separate modules (2026-11),
-  in today's layout: `task` "mae" became `objective`, `model.family` appeared, `heatmap_sigma`
-  moved into `loss`, and `data.source` names the reader, `data.dataset` the dataset."""
+  """A config dict saved by an earlier version, in today's layout. Before backbones, objectives and
+  tasks became separate modules (2026-11), `task` "mae" was the objective, `model.family` did not
+  exist, `heatmap_sigma` was top-level and `data.source` named the dataset; before attention had a
+  choice, `model.attention` did not exist (it then meant "auto")."""
+  saved = copy.deepcopy(saved)
+  saved["model"].setdefault("attention", "auto")
   if "objective" in saved:
     return saved
-  saved = copy.deepcopy(saved)
   task = saved.pop("task", "mae")
   saved["objective"] = "mae" if task == "mae" else "finetune"
   saved["model"].setdefault("family", "sapiens")

@@ -53,10 +53,11 @@ def lower_train_step(config, mesh, rules):
 
 
 def train_flops(config, mesh, rules):
-  """FLOPs of one train step from XLA's cost analysis. It counts a scan body once, so the cost is
-  taken from the unrolled program without remat (model FLOPs, not recompute)."""
+  """FLOPs of one train step from XLA's cost analysis. It counts a loop body once, so the cost is
+  taken from the unrolled program without remat and with the plain attention formula (model FLOPs:
+  no recompute, and no blocked attention loops)."""
   unrolled = config.copy_and_resolve_references()
-  unrolled.model.scan_layers, unrolled.model.remat_policy = False, "none"
+  unrolled.model.scan_layers, unrolled.model.remat_policy, unrolled.model.attention = False, "none", "xla"
   cost = lower_train_step(unrolled, mesh, rules)[0].cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 

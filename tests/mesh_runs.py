@@ -32,6 +32,7 @@ def tiny_config(setting):
   c.model.scan_layers = setting.get("scan", False)
   c.model.remat_policy = setting.get("remat", "none")
   c.grad_accum_steps = setting.get("accum", 1)
+  c.model.attention = setting.get("attention", "auto")
   return c
 
 

@@ -28,6 +28,8 @@ from sapiens_jax import step as train_step
 from sapiens_jax import writers
 from sapiens_jax.data import pipeline
 
+import fake_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 4
 # As the other subprocess tests: tiny model, 32x32, batch 8, 64 generated images (an epoch is 8 steps).
@@ -214,7 +216,7 @@ def helper(env, tmp_path, *args):
   dumped: (state as {keystr: array}, keystrs of its sharded leaves)."""
   out = tmp_path / f"{args[0]}.npz"
   done = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args), str(out)], cwd=REPO,
-                        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                        env=fake_devices.env(8, env),
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   with np.load(out) as saved:

@@ -16,6 +16,8 @@ import pytest
 from sapiens_jax import checkpoint
 from sapiens_jax import writers
 
+import fake_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 TINY = ["--config=configs/quickstart.py", "--config.model.size=tiny", "--config.image_size=(32, 32)",
@@ -53,7 +55,7 @@ def runs(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   one = start([sys.executable, "-m", "sapiens_jax.main", *TINY, f"--workdir={root / 'one'}"],
-              dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"), root / "one.log")
+              fake_devices.env(8, env), root / "one.log")
   two = start([os.path.join(REPO, "launch", "local.sh"), "2", "4", "--", *TINY,
                f"--workdir={root / 'two'}"], env, root / "two.log")
   finish(one, root / "one.log", timeout=300)

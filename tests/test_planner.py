@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import fake_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLAN_2B_FSDP8 = """
@@ -18,7 +20,7 @@ print(json.dumps(dry_run.plan(config, compile_program=False)))
 
 
 def test_2b_under_fsdp8_shards_every_large_parameter():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = fake_devices.env(8)
   out = subprocess.run([sys.executable, "-c", PLAN_2B_FSDP8], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

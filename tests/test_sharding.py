@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+import fake_devices
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-EIGHT_DEVICES = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+EIGHT_DEVICES = fake_devices.env(8)
 
 SETTINGS = {
     "one_device": {},
@@ -17,6 +19,7 @@ SETTINGS = {
     "data2_fsdp2_tensor2": {"mesh": (2, 2, 2)},
     "fsdp8_scan_remat_full": {"mesh": (1, 8, 1), "scan": True, "remat": "full"},
     "mixed_scan_remat_dots_accum4": {"mesh": (2, 2, 2), "scan": True, "remat": "dots", "accum": 4},
+    "data2_fsdp4_scan_remat_qkv_proj": {"mesh": (2, 4, 1), "scan": True, "remat": "qkv_proj"},
     "one_device_accum4": {"accum": 4},
 }
 

@@ -133,6 +133,29 @@ def test_dry_run_of_2b_reports_table2_params_without_allocating():
   assert plan["memory_per_device_bytes"] > 4 * plan["params"] * 4  # params, grads, 2 Adam moments
 
 
+def test_the_memory_plan_counts_attention_scores_only_where_the_path_keeps_them():
+  """The plain formula keeps (heads, T, T) probabilities per layer for the backward; the blocked
+  path keeps none. Both the compiled plan and the estimate say so (MAE decoder at 1,025 tokens)."""
+  from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
+  from sapiens_jax import dry_run  # pylint: disable=g-import-not-at-top
+  from sapiens_jax import models  # pylint: disable=g-import-not-at-top
+  plans = {}
+  for path in ("xla", "blocked"):
+    c = default_config.pretrain("tiny")
+    c.image_size, c.batch_size, c.model.attention = (512, 512), 2, path
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 128, 2, 4
+    plans[path] = dry_run.plan(c)
+  encoder = models.family(c.model).size("tiny")
+  encoder_tokens, decoder_tokens = 1 + 1024 // 4, 1 + 1024
+  scores = c.batch_size * 4 * (encoder.depth * encoder.num_heads * encoder_tokens ** 2
+                               + c.model.decoder_depth * c.model.decoder_heads * decoder_tokens ** 2)
+  estimate = {p: plans[p]["activation_bytes_per_device_estimate"] for p in plans}
+  assert estimate["xla"] - estimate["blocked"] == scores
+  decoder_probabilities = c.batch_size * 4 * c.model.decoder_depth * c.model.decoder_heads * decoder_tokens ** 2
+  assert plans["xla"]["memory_per_device_bytes"] - plans["blocked"]["memory_per_device_bytes"] > decoder_probabilities
+  assert plans["xla"]["train_flops_per_step"] == plans["blocked"]["train_flops_per_step"]  # model FLOPs
+
+
 @pytest.mark.parametrize("task", ["seg", "pose"])
 def test_dry_run_of_a_finetuning_config(task):
   """Every config plans, fine-tuning ones included: the task's head and targets in the lowered step."""
@@ -188,3 +211,12 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(damage, tiny_config
   assert any("step 8" in r.getMessage() and "falling back to step 4" in r.getMessage() for r in caplog.records)
   assert sorted(losses(tmp_path))[-6:] == [5, 6, 7, 8, 9, 10]  # resumed after step 4
   assert os.listdir(tmp_path / "checkpoints_damaged") == ["8"]  # kept, not deleted
+
+
+def test_a_run_resumes_with_another_attention_path_and_remat_policy(tiny_config, tmp_path):
+  """How attention and remat are computed is not part of the model: a run resumes across them."""
+  tiny_config.total_steps, tiny_config.model.attention = 4, "xla"
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.total_steps, tiny_config.model.attention, tiny_config.model.remat_policy = 6, "blocked", "full"
+  state = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert int(state["step"]) == 6 and sorted(losses(tmp_path))[-2:] == [5, 6]

@@ -10,18 +10,28 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
 from sapiens_jax import torch_names
+from sapiens_jax.models import attention
 
 LN_EPS = 1e-6  # every LayerNorm in Sapiens (blocks, final norm, MAE decoder)
 
-# Activation checkpointing of each block: what the backward pass may keep instead of recomputing.
+# Activation checkpointing of each block: which of its values the backward pass keeps (by name)
+# instead of recomputing them from the block's input. "dots" keeps what the backward reads of every
+# matmul (q, k, v, the attention's output and softmax statistics, the projection's output, the MLP's
+# hidden layer), so no matmul runs twice; "qkv_proj" recomputes the MLP's first matmul instead of
+# keeping its 4C-wide output; "full" keeps nothing but the block's input. None keeps attention's
+# score blocks: the blocked and fused attentions recompute them block by block anyway.
+QKV, PROJECTION, MLP_HIDDEN = "qkv", "attention_projection", "mlp_hidden"
+_NAMED = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES = {
-    "none": None,                                          # keep everything (fastest, most memory)
-    "dots": jax.checkpoint_policies.checkpoint_dots,       # keep matmul outputs, recompute the rest
-    "full": jax.checkpoint_policies.nothing_saveable,      # keep only block inputs
+    "none": None,                                               # keep everything (most memory)
+    "dots": _NAMED(QKV, attention.RESIDUALS, PROJECTION, MLP_HIDDEN),
+    "qkv_proj": _NAMED(QKV, attention.RESIDUALS, PROJECTION),
+    "full": jax.checkpoint_policies.nothing_saveable,           # keep only block inputs
 }
 
 
@@ -75,14 +85,6 @@ def layer_norm(name, dtype):
       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
 
-def attention_implementation(head_dim, dtype, backend=None):
-  """cuDNN's fused flash attention where it applies (GPU, 16-bit, head dim a multiple of 8 up to
-  128), XLA elsewhere (CPU, TPU, float32, and Sapiens-2B's head dim of 60)."""
-  backend = backend or jax.default_backend()
-  fits = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
-  return "cudnn" if backend == "gpu" and fits else "xla"
-
-
 def _matmul(x, kernel):
   """(B, T, *in) @ (*in, *out) -> (B, T, *out), as one 2-D matmul with the in and out axes flattened."""
   num_in = x.ndim - 2
@@ -94,6 +96,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with a fused q|k|v projection (heads contiguous inside q, k, v)."""
   num_heads: int
   dtype: Any = jnp.float32
+  implementation: str = "auto"  # models.attention.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x):
@@ -109,14 +112,15 @@ class Attention(nn.Module):
     # Three plain (C, C) matmuls, not one einsum into (3, heads, head_dim): XLA:CPU copies a transposed
     # kernel for each backward matmul that contracts several axes (18% of a 0.3b step, BENCHMARKS.md).
     # Slicing the unsharded q|k|v axis keeps heads the major, shardable axis of each (C, C) matrix.
-    q, k, v = (_matmul(x, kernel[:, i]) + bias[i] for i in range(3))
+    q, k, v = (checkpoint_name(_matmul(x, kernel[:, i]) + bias[i], QKV) for i in range(3))
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(head_dim, self.dtype))
+    partition = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+    out = attention.attention(q, k, v, self.implementation, partition=partition)
     proj_kernel = self.param(
         "proj_kernel", partitioned(matrix_init(nn.initializers.xavier_uniform(), 2),
                                    ("heads", "kv", "embed")), (self.num_heads, head_dim, width))
     proj_bias = self.param("proj_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
-    return _matmul(out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
+    return checkpoint_name(_matmul(out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype), PROJECTION)
 
 
 class Mlp(nn.Module):
@@ -130,7 +134,7 @@ class Mlp(nn.Module):
     h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
                  kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                  bias_init=partitioned(nn.initializers.zeros, ("mlp",)))(x)
-    h = nn.gelu(h, approximate=False)
+    h = nn.gelu(checkpoint_name(h, MLP_HIDDEN), approximate=False)
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
     return nn.Dense(width, dtype=self.dtype, name="fc2",
                     kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
@@ -144,15 +148,17 @@ class Block(nn.Module):
   """
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, unused=None):
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(layer_norm("ln1", self.dtype)(x))
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    x = x + attn(layer_norm("ln1", self.dtype)(x))
     x = x + Mlp(4 * x.shape[-1], self.dtype, name="ffn")(layer_norm("ln2", self.dtype)(x))
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), unused
 
 
-def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
+def make_blocks(depth, num_heads, dtype, scan, remat_policy, attention_implementation="auto", name=None):
   """`depth` blocks: a list (params `name_0`, `name_1`, ...) or, with `scan`, one scanned module whose
   params are stacked on a leading "layers" axis (one compiled block body: faster compiles)."""
   if remat_policy not in REMAT_POLICIES:
@@ -160,9 +166,11 @@ def make_blocks(depth, num_heads, dtype, scan, remat_policy, name=None):
   policy = REMAT_POLICIES[remat_policy]
   block = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=not scan)
   if not scan:
-    return [block(num_heads, dtype, name=None if name is None else f"{name}_{i}") for i in range(depth)]
+    return [block(num_heads, dtype, attention_implementation, name=None if name is None else f"{name}_{i}")
+            for i in range(depth)]
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(num_heads, dtype, name=name)
+                 metadata_params={nn.PARTITION_NAME: "layers"})(num_heads, dtype, attention_implementation,
+                                                               name=name)
 
 
 def run_blocks(blocks, x):
@@ -173,11 +181,14 @@ def run_blocks(blocks, x):
   return blocks(x, None)[0]
 
 
-def activation_bytes(width, depth, num_heads, tokens, itemsize):
+def activation_bytes(width, depth, num_heads, tokens, dtype, attention_implementation):
   """Rough bytes of activations one example keeps for the backward pass in `depth` Blocks (no
   remat): per token and block ~16 widths (norm outputs, q/k/v, attention output, 2 x 4C MLP,
-  residual) plus one row of attention probabilities per head."""
-  return depth * tokens * (16 * width + num_heads * tokens) * itemsize
+  residual), plus one row of attention probabilities per head where attention is the plain
+  formula (the blocked and fused paths keep none)."""
+  path = attention.resolve(attention_implementation, width // num_heads, dtype)
+  scores = num_heads * tokens if path == "xla" else 0
+  return depth * tokens * (16 * width + scores) * jnp.dtype(dtype).itemsize
 
 
 def tokens_to_map(tokens, grid):

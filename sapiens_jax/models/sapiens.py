@@ -58,6 +58,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
   @property
   def grid(self):
@@ -83,7 +84,8 @@ class ViT(nn.Module):
     gh, gw = self.grid
     self.pos_embed = self.param("pos_embed", layers.partitioned(
         layers.sincos_init(self.grid, extra), (None, None, "embed")), (1, extra + gh * gw, c))
-    self.layers = layers.make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers, self.remat_policy)
+    self.layers = layers.make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers, self.remat_policy,
+                                     self.attention)
     self.ln1 = layers.layer_norm("ln1", self.dtype)
 
   def embed(self, images):
@@ -120,7 +122,8 @@ def build(model_config, image_size, cls_token):
   return ViT(width=dims.width, depth=dims.depth, num_heads=dims.num_heads, image_size=tuple(image_size),
              patch_size=model_config.patch_size, patch_padding=model_config.patch_padding,
              use_cls_token=cls_token, dtype=jnp.dtype(model_config.dtype),
-             scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy)
+             scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
+             attention=model_config.attention)
 
 
 def grid(model_config, image_size):
@@ -212,5 +215,5 @@ def paper_flops(model_config, image_size):
 def encoder_activation_bytes(model_config, tokens):
   """Rough activation bytes one example of `tokens` tokens keeps in the encoder (no remat)."""
   dims = size(model_config.size)
-  return layers.activation_bytes(dims.width, dims.depth, dims.num_heads, tokens,
-                                 jnp.dtype(model_config.dtype).itemsize)
+  return layers.activation_bytes(dims.width, dims.depth, dims.num_heads, tokens, model_config.dtype,
+                                 model_config.attention)

@@ -85,6 +85,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, latent, restore_ids):
@@ -102,7 +103,7 @@ class Decoder(nn.Module):
     tokens = restore_order(x[:, 1:], fill, restore_ids)
     x = jnp.concatenate([x[:, :1], tokens], axis=1) + pos_embed.astype(x.dtype)
     x = layers.run_blocks(layers.make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers,
-                                             self.remat_policy, name="decoder_blocks"), x)
+                                             self.remat_policy, self.attention, name="decoder_blocks"), x)
     x = layers.layer_norm("ln1", self.dtype)(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, name="decoder_pred",
                  kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
@@ -151,7 +152,7 @@ def build_model(config):
   m = config.model
   enc = encoder(config)
   decoder = Decoder(m.decoder_width, m.decoder_depth, m.decoder_heads, enc.grid, m.patch_size,
-                    jnp.dtype(m.dtype), m.scan_layers, m.remat_policy)
+                    jnp.dtype(m.dtype), m.scan_layers, m.remat_policy, m.attention)
   return MAE(encoder=enc, decoder=decoder, mask_ratio=m.mask_ratio)
 
 
@@ -186,8 +187,8 @@ def activation_bytes_per_example(config):
   h, w = config.image_size
   n = (h // m.patch_size) * (w // m.patch_size)
   visible = 1 + int(n * (1 - m.mask_ratio))
-  decoder = layers.activation_bytes(m.decoder_width, m.decoder_depth, m.decoder_heads, n + 1,
-                                    jnp.dtype(m.dtype).itemsize)
+  decoder = layers.activation_bytes(m.decoder_width, m.decoder_depth, m.decoder_heads, n + 1, m.dtype,
+                                    m.attention)
   return models.family(m).encoder_activation_bytes(m, visible) + decoder
 
 

@@ -67,6 +67,24 @@ class Deconv(nn.Module):
     return deconv4x4_stride2(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+class Conv1x1(nn.Module):
+  """A 1x1 convolution computed as one (pixels, in) x (in, out) matmul. The parameters keep
+  nn.Conv's names and layout ((1, 1, in, out) kernel, bias). XLA:CPU turns the weight gradient of
+  nn.Conv((1, 1)) into a convolution whose window is the whole image: the seg head's forward +
+  backward on a 64x48x1024 map took 125 s with nn.Conv and 58 s with this (BENCHMARKS.md)."""
+  features: int
+  kernel_init: Any
+  bias_init: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    y = x.astype(self.dtype).reshape(-1, x.shape[-1]) @ kernel[0, 0].astype(self.dtype)
+    return y.reshape(*x.shape[:-1], self.features) + bias.astype(self.dtype)
+
+
 class DenseHead(nn.Module):
   """Deconv stages (x2 each), 1x1 conv stages, Dropout2d, final 1x1 conv; params float32, math in `dtype`."""
   deconv_channels: tuple
@@ -91,14 +109,14 @@ class DenseHead(nn.Module):
                  name=f"deconv_layers_{STAGE_STRIDE * i}")(x)
       x = nn.silu(instance_norm(x))
     for i, channels in enumerate(self.conv_channels):
-      x = nn.Conv(channels, (1, 1), dtype=self.dtype, name=f"conv_layers_{STAGE_STRIDE * i}",
-                  kernel_init=layers.partitioned(hidden_init, (None, None, "embed", None)), bias_init=bias_init)(x)
+      x = Conv1x1(channels, layers.partitioned(hidden_init, (None, None, "embed", None)), bias_init, self.dtype,
+                  name=f"conv_layers_{STAGE_STRIDE * i}")(x)
       x = nn.silu(instance_norm(x))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
     final_init = layers.matrix_init(nn.initializers.normal(self.final_std), 3)
-    return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name=self.final_name,
-                   kernel_init=layers.partitioned(final_init, (None, None, "embed", None)), bias_init=bias_init)(x)
+    return Conv1x1(self.out_channels, layers.partitioned(final_init, (None, None, "embed", None)), bias_init,
+                   self.dtype, name=self.final_name)(x)
 
 
 # The seg/depth/normal heads (mmseg) have no init of their own that the reference records. We use

@@ -119,12 +119,3 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
   out16 = bf16.apply({"params": params}, images)
   assert out16.dtype == jnp.bfloat16
   assert float(jnp.max(jnp.abs(out16.astype(jnp.float32) - out32))) < 0.1
-
-
-def test_attention_uses_cudnn_only_where_it_applies():
-  assert layers.attention_implementation(64, jnp.bfloat16, backend="gpu") == "cudnn"
-  assert layers.attention_implementation(80, jnp.float16, backend="gpu") == "cudnn"
-  assert layers.attention_implementation(60, jnp.bfloat16, backend="gpu") == "xla"  # Sapiens-2B
-  assert layers.attention_implementation(64, jnp.float32, backend="gpu") == "xla"
-  assert layers.attention_implementation(64, jnp.bfloat16, backend="cpu") == "xla"
-  assert layers.attention_implementation(64, jnp.bfloat16, backend="tpu") == "xla"
