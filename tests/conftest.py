@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny configs that train in seconds on CPU, and one rendered synthetic-humans
-dataset. Helper modules (torch_reference, photos, notebooks, mesh_runs) sit beside this file and
+"""Shared fixtures: tiny configs that train in seconds on CPU, one rendered synthetic-humans
+dataset, and no network for any test. Helper modules (torch_reference, photos, notebooks, mesh_runs) sit beside this file and
 import from any test folder."""
 import importlib.util
+import ipaddress
 import os
+import socket
 import sys
 
 import pytest
@@ -13,6 +15,25 @@ sys.path[:0] = [REPO, TESTS]
 
 from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
 from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """No test reaches beyond this machine: a connection to any address but a loopback one fails,
+  naming it (subprocesses and this machine's own ports are unaffected)."""
+  connect = socket.socket.connect
+
+  def local_only(sock, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None and host != "localhost":
+      try:
+        outside = not ipaddress.ip_address(host).is_loopback
+      except ValueError:  # a host name other than localhost
+        outside = True
+      if outside:
+        raise OSError(f"a test tried to reach {address}: tests must not use the network")
+    return connect(sock, address)
+  monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 @pytest.fixture

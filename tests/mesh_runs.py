@@ -1,10 +1,12 @@
 """Trains a tiny MAE for a few steps under several meshes and settings; prints losses and params.
 
-Run by tests/test_sharding.py in a subprocess with 8 host CPU devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=8). Every setting starts from the same
-parameters and sees the same batches, so the results must agree.
+Run by tests/test_sharding.py in a subprocess with 8 host CPU devices (tests/fake_devices.py):
+`mesh_runs.py SETTINGS_JSON OUT_DIR` writes each setting's final parameters, whole, to
+OUT_DIR/NAME.npz and prints its losses and sharded parameters as JSON. Every setting starts from
+the same parameters and sees the same batches, so the results must agree.
 """
 import json
+import os
 import sys
 
 import flax
@@ -79,16 +81,20 @@ def run(setting, params0, batches):
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   sharded = sorted(k for k, s in flax.traverse_util.flatten_dict(shardings["params"], sep="/").items()
                    if not s.is_fully_replicated)
-  return {"losses": losses, "params": {k: np.asarray(v).ravel()[:64].tolist() for k, v in flat.items()},
-          "sharded": sharded}
+  return losses, {k: np.asarray(v) for k, v in flat.items()}, sharded
 
 
 def main():
-  settings = json.loads(sys.argv[1])
+  settings, out_dir = json.loads(sys.argv[1]), sys.argv[2]
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8) for _ in range(STEPS)]  # as shipped
   params0 = reference_params()
-  print(json.dumps({name: run(s, params0, batches) for name, s in settings.items()}))
+  summary = {}
+  for name, setting in settings.items():
+    losses, params, sharded = run(setting, params0, batches)
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **params)  # every value, gathered from the devices
+    summary[name] = {"losses": losses, "sharded": sharded}
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

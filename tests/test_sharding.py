@@ -25,11 +25,16 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def results():
-  out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_runs.py"), json.dumps(SETTINGS)],
+def results(tmp_path_factory):
+  out_dir = tmp_path_factory.mktemp("mesh_runs")
+  out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_runs.py"), json.dumps(SETTINGS), str(out_dir)],
                        env=EIGHT_DEVICES, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  for name in summary:
+    with np.load(out_dir / f"{name}.npz") as params:
+      summary[name]["params"] = {k: params[k] for k in params.files}
+  return summary
 
 
 @pytest.mark.parametrize("name", [n for n in SETTINGS if n != "one_device"])

@@ -206,7 +206,8 @@ class _TinyImages:
           yield i, {"image": buffer.getvalue()}
 
     builder = TinyHumanImages(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    # try_download_gcs=False: no look for a prepared copy on Google's servers; nothing here needs the network.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder.data_dir
 
 

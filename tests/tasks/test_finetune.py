@@ -229,3 +229,30 @@ def test_a_synthetic_dataset_made_with_other_settings_is_not_reused(finetune_con
   config.data.framing = "scene"
   with pytest.raises(ValueError, match=r"train holds synthetic humans made with other settings.*framing"):
     pipeline.ensure_synthetic_data(config, "")
+
+
+# What each dense evaluator must report for predictions equal to the targets (the normal median is
+# the centre of the first 0.01-degree histogram bin).
+PERFECT = {"seg": {"mIoU": 100.0, "mAcc": 100.0, "aAcc": 100.0},
+           "depth": {"rmse": 0.0, "abs_rel": 0.0, "delta1": 1.0, "rmse_raw": 0.0, "abs_rel_raw": 0.0,
+                     "delta1_raw": 1.0},
+           "normal": {"mean_angle": 0.0, "median_angle": 0.005, "pct_11.25": 100.0, "pct_22.5": 100.0,
+                      "pct_30": 100.0}}
+
+
+@pytest.mark.parametrize("task", sorted(PERFECT))
+def test_dense_evaluators_score_the_targets_perfectly(task, finetune_config, synthetic_root):
+  """The whole eval split, through the task's own Evaluator, with the targets as predictions."""
+  from sapiens_jax import tasks  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = finetune_config(task)
+  config.data.path, config.data.num_eval = synthetic_root, 0
+  module = tasks.get(config.task)
+  source = pipeline.make_task_source(config, "eval")
+  evaluator = module.Evaluator(config, source)
+  target = "label" if task == "seg" else module.TARGET
+  for batch in pipeline.eval_batches(config, source, config.eval_batch_size):
+    evaluator.add(batch[target], batch)
+  result = evaluator.result()
+  for metric, perfect in PERFECT[task].items():
+    np.testing.assert_allclose(float(result[metric]), perfect, atol=1e-5, err_msg=metric)

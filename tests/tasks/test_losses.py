@@ -6,11 +6,10 @@ import pytest
 
 from sapiens_jax import losses
 
-torch = pytest.importorskip("torch")
-
 
 def torch_resize(x, hw):
-  """The reference resize: F.interpolate(bilinear, align_corners=False) on NCHW."""
+  """The reference resize: F.interpolate(bilinear, align_corners=False) on NCHW (only this needs torch)."""
+  torch = pytest.importorskip("torch")
   t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   out = torch.nn.functional.interpolate(t, size=hw, mode="bilinear", align_corners=False)
   return out.numpy().transpose(0, 2, 3, 1)
