@@ -7,7 +7,6 @@ Shape is (batch, tokens, heads, head dim); the MAE decoder at 1024x1024 is 1, 40
 thread: --threads). Each number is the best of --repeats calls after a compiling one.
 """
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 
 from sapiens_jax.models import attention
+import timing  # pylint: disable=g-bad-import-order  (benchmarks/timing.py)
 
 _SHAPE = flags.DEFINE_list("shape", ["1", "4097", "16", "32"], "batch, tokens, heads, head dim")
 _PATHS = flags.DEFINE_list("paths", ["blocked", "xla", "torch"], "Attention paths to time.")
@@ -23,13 +23,8 @@ _THREADS = flags.DEFINE_integer("threads", 1, "torch.set_num_threads.")
 
 
 def best_time(fn, repeats):
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
+  """The fastest of `repeats` calls after an untimed (compiling) one."""
+  return timing.time_calls(fn, repeats, warmup=1)[1]
 
 
 def time_jax(path, q, k, v, d_out, repeats):

@@ -8,11 +8,11 @@ clipping, AdamW (torch's fused kernel) with decay on weight matrices only and th
 embeddings frozen. The learning rate is constant; no torch.compile.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+import timing  # benchmarks/timing.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -98,26 +98,13 @@ def train_step(model, optimizer, images_nchw, config):
   return loss
 
 
-def time_calls(fn, steps, warmup):
-  """(median s, min s, process CPU s per call) of `steps` calls of fn() after `warmup` untimed ones."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  cpu0 = time.process_time()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), min(times), (time.process_time() - cpu0) / steps
-
-
 def benchmark(config, images_nhwc, steps, warmup, threads, breakdown=False):
   """Times the eager step on `images_nhwc` (numpy, the JAX benchmark's batch); returns a dict."""
   torch.set_num_threads(threads)
   torch.manual_seed(config.seed)
   model, optimizer = make_model_and_optimizer(config)
   images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
-  median, best, cpu = time_calls(lambda: train_step(model, optimizer, images, config), steps, warmup)
+  median, best, cpu = timing.time_calls(lambda: train_step(model, optimizer, images, config), steps, warmup)
   out = {"torch_threads": torch.get_num_threads(), "torch_step_time_s": median, "torch_step_time_min_s": best,
          "torch_cpu_s_per_step": cpu, "torch_examples_per_sec": images.shape[0] / median}
   if breakdown:
@@ -131,12 +118,12 @@ def benchmark(config, images_nhwc, steps, warmup, threads, breakdown=False):
       pred, mask = model(images)
       mae_loss(pred, images, mask, config.model.patch_size).backward()
 
-    out["torch_forward_s"] = time_calls(forward, steps, 1)[0]
-    out["torch_forward_backward_s"] = time_calls(forward_backward, steps, 1)[0]
+    out["torch_forward_s"] = timing.time_calls(forward, steps, 1)[0]
+    out["torch_forward_backward_s"] = timing.time_calls(forward_backward, steps, 1)[0]
   return out
 
 
 def matmul_flops(n=2048, repeats=5):
   """FLOP/s of the best of `repeats` float32 n x n matmuls with torch's BLAS (for comparison)."""
   a, b = torch.randn(n, n), torch.randn(n, n)
-  return 2 * n ** 3 / time_calls(lambda: a @ b, repeats, 1)[1]
+  return 2 * n ** 3 / timing.time_calls(lambda: a @ b, repeats, 1)[1]

@@ -15,9 +15,6 @@ wall time but hardly the CPU seconds the step itself needs.
 """
 import json
 import os
-import platform
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -35,6 +32,7 @@ from sapiens_jax import sharding
 from sapiens_jax import step
 from sapiens_jax import train
 from sapiens_jax.data import transforms
+import timing  # pylint: disable=g-bad-import-order  (benchmarks/timing.py)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; the step time is their median.")
@@ -95,37 +93,18 @@ def model_flops_per_step(config):
   return 3 * config.batch_size * mae_forward_flops(config)
 
 
-def measured_matmul_flops(n=2048, repeats=10):
-  """FLOP/s of the best of `repeats` float32 n x n jnp.dot matmuls on the default device."""
-  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  return 2 * n ** 3 / time_calls(lambda: dot(a, b), repeats, warmup=1)[1]
-
-
 def peak_flops(device, dtype):
   """(peak FLOP/s of one device, where the number came from)."""
   kind = device.device_kind
   for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
     if kind.startswith(prefix):
       return PEAK_FLOPS[prefix][0 if dtype == "bfloat16" else 1], f"table[{prefix!r}]"
-  return measured_matmul_flops(), "measured: best of 10 float32 2048x2048 jnp.dot"
+  return timing.jax_matmul_flops(), "measured: best of 10 float32 2048x2048 jnp.dot"
 
 
 def time_calls(fn, steps, warmup):
-  """(median s, min s, process CPU s per call) of `steps` calls of fn() after `warmup` untimed ones.
-
-  Waits for each result. CPU time (all threads, user + sys) is the number to trust on a shared
-  machine: other processes stretch wall time but not the CPU seconds this one spends.
-  """
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  cpu0 = time.process_time()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), min(times), (time.process_time() - cpu0) / steps
+  """timing.time_calls of fn, waiting for each result."""
+  return timing.time_calls(lambda: jax.block_until_ready(fn()), steps, warmup)
 
 
 def synthetic_images(config):
@@ -153,9 +132,7 @@ def benchmark_jax(config, images, steps, warmup, breakdown):
       holder["state"], metrics = jitted_step(holder["state"], batch)
       return holder["state"], metrics
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run_step())
-    out["first_step_s"] = time.perf_counter() - t0  # compile + one step
+    out["first_step_s"] = timing.first_call_s(lambda: jax.block_until_ready(run_step()))  # compile + one step
     median, best, cpu = time_calls(run_step, steps, max(warmup - 1, 0))
     out.update(step_time_s=median, step_time_min_s=best, cpu_s_per_step=cpu)
 
@@ -185,7 +162,7 @@ def main(argv):
       "dtype": config.model.dtype, "scan_layers": config.model.scan_layers,
       "remat_policy": config.model.remat_policy, "grad_accum_steps": config.grad_accum_steps,
       "platform": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
-      "cpu": _cpu_model(), "xla_cpu_threads": len(os.sched_getaffinity(0)),
+      "cpu": timing.cpu_model(), "xla_cpu_threads": len(os.sched_getaffinity(0)),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
       "steps": _STEPS.value, "warmup": _WARMUP.value, "loadavg_start": os.getloadavg()[0],
   }
@@ -211,17 +188,6 @@ def main(argv):
     result.update(t)
   result["loadavg_end"] = os.getloadavg()[0]
   print(json.dumps(result), flush=True)
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 if __name__ == "__main__":

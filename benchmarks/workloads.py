@@ -19,16 +19,15 @@ MFU is against a float32 2048^2 jnp.dot measured in the JAX process.
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks"), os.path.join(REPO, "tests")]
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/timing.py)
 
 _WORKLOAD = flags.DEFINE_enum("workload", "mae", ["mae", "finetune", "predict"], "What to time.")
 _SIZE = flags.DEFINE_string("size", "0.3b", "Backbone size.")
@@ -55,31 +54,9 @@ def workload_config(workload, size, attention="auto", remat=""):
 
 def time_calls(fn, steps, warmup):
   """(first call s, median s, process CPU s per call) of fn() (it must wait for its result)."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  for _ in range(warmup - 1):
-    fn()
-  times, cpu0 = [], time.process_time()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), (time.process_time() - cpu0) / steps
-
-
-def matmul_flops(n=2048, repeats=10):
-  """FLOP/s of the best of `repeats` float32 n x n jnp.dots: this CPU's practical matmul peak."""
-  import jax  # pylint: disable=g-import-not-at-top
-  a, b = jax.random.normal(jax.random.key(0), (2, n, n))
-  dot = jax.jit(jax.numpy.dot)
-  dot(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  first = timing.first_call_s(fn)
+  median, _, cpu = timing.time_calls(fn, steps, warmup - 1)
+  return first, median, cpu
 
 
 def peak_rss_bytes():
@@ -157,7 +134,7 @@ def jax_side(workload, size, steps, warmup, attention, remat):
   rss = peak_rss_bytes()  # before anything else runs in this process: the FLOP count lowers a big program
   flops = forward_flops(objective, config, host_batch, with_loss=workload != "predict")
   flops *= 1 if workload == "predict" else 3
-  peak = matmul_flops()
+  peak = timing.jax_matmul_flops()
   return {"first_step_s": first, "step_time_s": median, "cpu_s_per_step": cpu, "model_flops": flops,
           "peak_flops": peak, "mfu": flops / median / peak, "peak_rss_bytes": rss,
           "attention": attention, "remat_policy": config.model.remat_policy,
@@ -237,17 +214,12 @@ def main(argv):
   else:
     jax_result, torch_result = run_side("jax"), run_side("torch")
     torch_result["mfu"] = jax_result["model_flops"] / torch_result["step_time_s"] / jax_result["peak_flops"]
-    result = {"workload": _WORKLOAD.value, "size": _SIZE.value, "steps": _STEPS.value, "cpu": _cpu_model(),
+    result = {"workload": _WORKLOAD.value, "size": _SIZE.value, "steps": _STEPS.value, "cpu": timing.cpu_model(),
               "jax": jax_result, "torch": torch_result,
               "speedup_vs_torch": torch_result["step_time_s"] / jax_result["step_time_s"],
               "cpu_speedup_vs_torch": torch_result["cpu_s_per_step"] / jax_result["cpu_s_per_step"],
               "memory_vs_torch": jax_result["peak_rss_bytes"] / torch_result["peak_rss_bytes"]}
   print(json.dumps(result), flush=True)
-
-
-def _cpu_model():
-  with open("/proc/cpuinfo") as f:
-    return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-r"""Quickstart: a small MAE on the built-in generated images, ~3 minutes on 2 CPU cores.
+r"""Quickstart: a small MAE on the built-in generated images, 1-3 minutes on 2 CPU cores.
 
   python -m sapiens_jax.main --config=configs/quickstart.py --workdir=/tmp/sapiens_quickstart
 

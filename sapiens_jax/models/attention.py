@@ -20,6 +20,7 @@ attention, query head h reading kv head h // (H / Hkv) (contiguous groups, as re
 """
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -98,11 +99,9 @@ def per_device(fn, partition):
   qkv, mask = P(batch, None, heads, None), P(batch, None)
 
   def sharded(q, k, v, kv_mask):
-    if kv_mask is None:
-      return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(qkv, qkv, qkv),
-                           out_specs=qkv, check_vma=False)(q, k, v)
+    keep = jnp.ones(k.shape[:2], bool) if kv_mask is None else kv_mask
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, mask), out_specs=qkv, check_vma=False)(
-        q, k, v, kv_mask)
+        q, k, v, keep)
   return sharded
 
 
@@ -125,9 +124,24 @@ def _unblock(x, length, groups=1):
   return x.reshape(b, count * (rows // groups), hkv * groups, d)[:, :length]
 
 
-def _layout(q, k, kv_mask):
-  """Block sizes and counts, and the key bias (count_k, B, 1, 1, block_k): 0 or _NEG."""
+class _Blocked(NamedTuple):
+  """q (scaled), k and v cut into blocks (see `_blocks`), the key bias per key block
+  (count_k, B, 1, 1, block_k: 0 or _NEG), and what it takes to undo the query blocking."""
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  bias: jax.Array
+  groups: int
+  block_q: int
+  count_q: int
+  scale: float
+
+
+def _to_blocks(q, k, v, kv_mask):
+  """What the forward and the backward both start from: the blocks of q (times the softmax scale),
+  k and v, and the bias of padding and masked keys."""
   tq, tk = q.shape[1], k.shape[1]
+  groups = q.shape[2] // k.shape[2]
   block_q, block_k = min(BLOCK, tq), min(BLOCK, tk)
   count_q, count_k = -(-tq // block_q), -(-tk // block_k)
   keep = jnp.arange(count_k * block_k) < tk
@@ -136,7 +150,10 @@ def _layout(q, k, kv_mask):
     keep = keep & jnp.pad(kv_mask, ((0, 0), (0, count_k * block_k - tk)))
   bias = jnp.where(keep, 0.0, _NEG).astype(jnp.float32)
   bias = bias.reshape(q.shape[0], count_k, 1, 1, block_k).transpose(1, 0, 2, 3, 4)
-  return block_q, block_k, count_q, count_k, bias
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  return _Blocked(q=_blocks(q * jnp.asarray(scale, q.dtype), count_q, block_q, groups),
+                  k=_blocks(k, count_k, block_k), v=_blocks(v, count_k, block_k), bias=bias,
+                  groups=groups, block_q=block_q, count_q=count_q, scale=scale)
 
 
 def _scores(q_block, k_block, bias):
@@ -145,11 +162,7 @@ def _scores(q_block, k_block, bias):
 
 def _forward(q, k, v, kv_mask):
   """(output (B, Tq, H, D) float32, log-sum-exp of every score row (count_q, B, Hkv, G * block_q))."""
-  groups = q.shape[2] // k.shape[2]
-  block_q, block_k, count_q, count_k, bias = _layout(q, k, kv_mask)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  qb = _blocks(q * jnp.asarray(scale, q.dtype), count_q, block_q, groups)
-  kb, vb = _blocks(k, count_k, block_k), _blocks(v, count_k, block_k)
+  blocked = _to_blocks(q, k, v, kv_mask)
 
   def query_block(q_block):
     def key_block(carry, xs):
@@ -166,11 +179,11 @@ def _forward(q, k, v, kv_mask):
     rows = q_block.shape[:-1]
     init = (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32),
             jnp.zeros(q_block.shape, jnp.float32))
-    (top, total, acc), _ = lax.scan(key_block, init, (kb, vb, bias))
+    (top, total, acc), _ = lax.scan(key_block, init, (blocked.k, blocked.v, blocked.bias))
     return acc / total[..., None], top + jnp.log(total)
 
-  out, lse = lax.map(query_block, qb)
-  return _unblock(out, q.shape[1], groups), lse
+  out, lse = lax.map(query_block, blocked.q)
+  return _unblock(out, q.shape[1], blocked.groups), lse
 
 
 @jax.custom_vjp
@@ -193,15 +206,12 @@ def _blocked_backward(residuals, d_out):
   every matmul then contracts its left operand's last axis, the form XLA:CPU hands to its fast
   (YNNPACK) kernels; contracting over query rows of p directly runs as a plain dot at half the speed."""
   q, k, v, kv_mask, out, lse = residuals
-  groups = q.shape[2] // k.shape[2]
-  block_q, block_k, count_q, count_k, bias = _layout(q, k, kv_mask)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  qb = _blocks(q * jnp.asarray(scale, q.dtype), count_q, block_q, groups)
-  kb, vb = _blocks(k, count_k, block_k), _blocks(v, count_k, block_k)
+  blocked = _to_blocks(q, k, v, kv_mask)
+  as_query_blocks = lambda x: _blocks(x, blocked.count_q, blocked.block_q, blocked.groups)
   d_out = d_out.astype(jnp.float32)
-  dob = _blocks(d_out, count_q, block_q, groups)
-  qb_t, dob_t = jnp.swapaxes(qb, -1, -2), jnp.swapaxes(dob, -1, -2)
-  row_dot = _blocks(jnp.sum(d_out * out, -1, keepdims=True), count_q, block_q, groups)[..., 0]
+  dob = as_query_blocks(d_out)
+  qb_t, dob_t = jnp.swapaxes(blocked.q, -1, -2), jnp.swapaxes(dob, -1, -2)
+  row_dot = as_query_blocks(jnp.sum(d_out * out, -1, keepdims=True))[..., 0]
 
   def key_block(dq, xs):
     k_block, v_block, key_bias = xs
@@ -219,11 +229,12 @@ def _blocked_backward(residuals, d_out):
 
     zeros = jnp.zeros(jnp.swapaxes(k_block, -1, -2).shape, jnp.float32)
     (dk_t, dv_t, dq), _ = lax.scan(query_block, (zeros, zeros, dq),
-                                   (jnp.arange(count_q), qb, qb_t, dob, dob_t, lse, row_dot))
+                                   (jnp.arange(blocked.count_q), blocked.q, qb_t, dob, dob_t, lse, row_dot))
     return dq, (dk_t, dv_t)
 
-  dq, (dk_t, dv_t) = lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, bias))
-  dq = _unblock(dq * scale, q.shape[1], groups).astype(q.dtype)
+  dq, (dk_t, dv_t) = lax.scan(key_block, jnp.zeros(blocked.q.shape, jnp.float32),
+                              (blocked.k, blocked.v, blocked.bias))
+  dq = _unblock(dq * blocked.scale, q.shape[1], blocked.groups).astype(q.dtype)
   dk, dv = (_unblock(jnp.swapaxes(x, -1, -2), k.shape[1]).astype(k.dtype) for x in (dk_t, dv_t))
   return dq, dk, dv, None
 

@@ -113,9 +113,9 @@ class Attention(nn.Module):
     # kernel for each backward matmul that contracts several axes (18% of a 0.3b step, BENCHMARKS.md).
     # Slicing the unsharded q|k|v axis keeps heads the major, shardable axis of each (C, C) matrix.
     q, k, v = (checkpoint_name(_matmul(x, kernel[:, i]) + bias[i], QKV) for i in range(3))
-    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-    partition = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
-    out = attention.attention(q, k, v, self.implementation, partition=partition)
+    axes = ("act_batch", "act_length", "act_heads", "act_kv")
+    q = nn.with_logical_constraint(q, axes)
+    out = attention.attention(q, k, v, self.implementation, partition=nn.logical_to_mesh_axes(axes))
     proj_kernel = self.param(
         "proj_kernel", partitioned(matrix_init(nn.initializers.xavier_uniform(), 2),
                                    ("heads", "kv", "embed")), (self.num_heads, head_dim, width))
