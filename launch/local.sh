@@ -20,9 +20,20 @@ devices_per_process=$2
 shift 3
 cd "$(dirname "$0")/.."
 
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
+# The coordinator's port. Picking a free port and letting it go would race: XLA's coordinator (gRPC)
+# binds with SO_REUSEPORT, so a second run that picked the same port binds it too, without an
+# error, and the two runs' processes then join each other. So a helper keeps the port bound (also
+# with SO_REUSEPORT, never listening) until this script exits: no other pick or connection gets it
+# meanwhile, and process 0's coordinator, the same user's, shares it and is the one that listens.
+coproc reservation { python -c 'import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("::", 0))
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()  # until the script exits'; }
+read -r port <&"${reservation[0]}"
 declare -A running  # pid -> process index
-trap 'kill "${!running[@]}" 2>/dev/null; exit 143' INT TERM
+trap 'kill "${!running[@]}" "$reservation_PID" 2>/dev/null; exit 143' INT TERM
 for ((i = 0; i < num_processes; i++)); do
   # The concurrency-optimised CPU scheduler can start collectives in different orders on different
   # device threads and deadlock (tests/fake_devices.py).

@@ -7,6 +7,7 @@ workdir, and to rebuild the model for export, prediction and init_from). Configs
 layout are brought to today's (default_config.upgrade), so their checkpoints keep restoring.
 """
 import os
+import time
 
 from absl import logging
 import flax.linen as nn
@@ -23,7 +24,7 @@ from sapiens_jax import objectives
 # Config entries that change the shapes of the saved state, and the model keys among them that only
 # choose how it is computed (a run may resume with another attention path or remat policy).
 _SHAPE_KEYS = ("model", "image_size")
-_COMPUTE_ONLY = ("attention", "remat_policy", "dtype")
+_COMPUTE_ONLY = ("attention", "remat_policy", "dtype", "rope_dtype")
 
 
 class MismatchError(ValueError):
@@ -32,8 +33,37 @@ class MismatchError(ValueError):
 
 def make_manager(workdir, config):
   # The train loop decides when to save (every checkpoint_every_steps and at the end).
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         async_options=_test_hold_save(directory))
+  return ocp.CheckpointManager(directory, options=options)
+
+
+# Test-only (tests/test_checkpoints.py), never set in a real run: SAPIENS_TEST_HOLD_SAVE=STEP:PATH
+# stops the background commit of checkpoint STEP after its files are written and before Orbax
+# renames its tmp dir into place, writes that tmp dir's name to PATH, and sleeps there for good.
+# So a test can SIGKILL the process with that save provably in flight. Unset: no hook at all.
+HOLD_SAVE_ENV = "SAPIENS_TEST_HOLD_SAVE"
+
+
+def _test_hold_save(directory):
+  spec = os.environ.get(HOLD_SAVE_ENV)
+  if not spec:
+    return None
+  step, marker = spec.split(":", 1)
+
+  def hold():  # Orbax's post_finalization_callback: in the save thread, just before the commit.
+    # One save of a manager is in flight at a time; its tmp dir is named "STEP.orbax-checkpoint-tmp...".
+    in_flight = [name for name in os.listdir(directory) if name.startswith(f"{step}.orbax-checkpoint-tmp")]
+    if not in_flight:
+      return
+    with open(marker + ".tmp", "w") as f:
+      f.write(in_flight[0])
+    os.replace(marker + ".tmp", marker)  # the test never reads half a marker
+    while True:
+      time.sleep(60)
+
+  return ocp.AsyncOptions(post_finalization_callback=hold)
 
 
 def make_best_manager(workdir, metric, mode):

@@ -64,8 +64,10 @@ def _run(objective, size, batch_size, total_steps, image_size):
   c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "sapiens"     # sapiens_jax.models.FAMILIES
-  c.model.size = size            # 0.3b | 0.6b | 1b | 2b | small | tiny (the family's SIZES)
+  # The size names its backbone family (sapiens_jax.models.FAMILIES): Sapiens 0.3b | 0.6b | 1b | 2b
+  # (paper Table 2) | small | tiny; Sapiens2 sapiens2_0.1b | _0.4b | _0.8b | _1b | _1b_4k | _5b |
+  # sapiens2_small | sapiens2_tiny | sapiens2_tiny_4k.
+  c.model.size = size
   c.model.patch_size = 16
   c.model.patch_padding = 0      # 2 for some task fine-tunes (reference §1.3): same grid, shifted windows
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
@@ -74,6 +76,9 @@ def _run(objective, size, batch_size, total_steps, image_size):
   c.model.remat_policy = {"0.3b": "qkv_proj", "0.6b": "qkv_proj", "1b": "full", "2b": "full"}.get(size, "none")
   # auto: blocked online-softmax on CPU, cuDNN on GPU (16-bit), Pallas splash on TPU (models/attention.py)
   c.model.attention = "auto"
+  # Sapiens2: the dtype RoPE rotates q and k in. Upstream rotates in bfloat16 even in float32 models
+  # (its released weights were trained so); "float32" is the transformers port's rotation.
+  c.model.rope_dtype = "bfloat16"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4       # peak lr = base_lr * batch_size / lr_base_batch
@@ -159,14 +164,16 @@ def upgrade(saved):
   """A config dict saved by an earlier version, in today's layout. Before backbones, objectives and
   tasks became separate modules (2026-11), `task` "mae" was the objective, `model.family` did not
   exist, `heatmap_sigma` was top-level and `data.source` named the dataset; before attention had a
-  choice, `model.attention` did not exist (it then meant "auto")."""
+  choice, `model.attention` did not exist (it then meant "auto"); before Sapiens2, `model.family`
+  named the family that the size now names, and `model.rope_dtype` did not exist."""
   saved = copy.deepcopy(saved)
   saved["model"].setdefault("attention", "auto")
+  saved["model"].setdefault("rope_dtype", "bfloat16")
+  saved["model"].pop("family", None)
   if "objective" in saved:
     return saved
   task = saved.pop("task", "mae")
   saved["objective"] = "mae" if task == "mae" else "finetune"
-  saved["model"].setdefault("family", "sapiens")
   if task != "mae":
     saved["task"] = task
     saved.setdefault("loss", {})

@@ -85,7 +85,7 @@ def plan(config, compile_program=True):
   unsharded = unsharded_large_params(abstract["params"], state_shardings["params"])
   return {
       "model": config.model.size,
-      "family": config.model.family,
+      "family": models.family_name(config.model),
       "objective": config.objective,
       "image_size": list(config.image_size),
       "mesh": dict(mesh.shape),

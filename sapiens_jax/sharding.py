@@ -16,10 +16,12 @@ DEFAULT_RULES = (
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),  # the fewer key/value heads of grouped-query attention
     ("act_kv", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("layers", None),  # the stacked-layers axis of scanned blocks
 )
@@ -69,15 +71,25 @@ def batch_shards(mesh, rules_):
 def tree_shardings(abstract_boxed_tree, mesh, rules_):
   """NamedShardings for a tree whose leaves carry logical names (LogicallyPartitioned boxes).
 
-  A leaf of >= 1 MiB that the rules leave fully replicated (e.g. the stacked biases of scanned
-  layers) is split over `fsdp` along its largest divisible dimension, so FSDP really shards
-  every large tensor.
+  A dimension the rules would split over more devices than it divides into stays whole (e.g. 8
+  kv heads on a tensor axis of 16). A leaf of >= 1 MiB that the rules leave fully replicated (e.g.
+  the stacked biases of scanned layers) is split over `fsdp` along its largest divisible
+  dimension, so FSDP really shards every large tensor.
   """
   specs = nn.get_partition_spec(abstract_boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules_)
   values = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
                         abstract_boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  return jax.tree.map(lambda leaf, s: _fsdp_fallback(leaf, s, mesh), values, shardings)
+  return jax.tree.map(lambda leaf, s: _fsdp_fallback(leaf, _divisible(leaf, s, mesh), mesh), values, shardings)
+
+
+def _divisible(leaf, named_sharding, mesh):
+  spec = list(named_sharding.spec) + [None] * (len(leaf.shape) - len(named_sharding.spec))
+  for dim, axes in enumerate(spec):
+    names = (axes,) if isinstance(axes, str) else axes or ()
+    if leaf.shape[dim] % int(np.prod([mesh.shape[a] for a in names])):
+      spec[dim] = None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _fsdp_fallback(leaf, named_sharding, mesh):

@@ -31,10 +31,11 @@ LAYOUTS = {
     "linear": (lambda k: k.T, lambda w, shape: w.T),
     # Conv kernel (kh, kw, in, out) <-> Conv2d weight (out, in, kh, kw).
     "conv": (lambda k: k.transpose(3, 2, 0, 1), lambda w, shape: w.transpose(2, 3, 1, 0)),
-    # (C, 3, heads, hd) <-> (3C, C): output rows q|k|v, each heads x hd.
-    "qkv_kernel": (lambda k: k.reshape(k.shape[0], -1).T, lambda w, shape: w.T.reshape(shape)),
-    # (heads, hd, C) <-> (C, C): input columns heads x hd.
-    "proj_kernel": (lambda k: k.reshape(-1, k.shape[-1]).T, lambda w, shape: w.T.reshape(shape)),
+    # Kernel (in, *out) <-> Linear weight (prod(out), in): e.g. qkv (C, 3, heads, hd) <-> (3C, C) with
+    # output rows q|k|v, each heads x hd; SwiGLU's w12 (C, 2, F) <-> (2F, C).
+    "split_out": (lambda k: k.reshape(k.shape[0], -1).T, lambda w, shape: w.T.reshape(shape)),
+    # Kernel (*in, out) <-> Linear weight (out, prod(in)): e.g. proj (heads, hd, C) <-> (C, C).
+    "split_in": (lambda k: k.reshape(-1, k.shape[-1]).T, lambda w, shape: w.T.reshape(shape)),
 }
 
 
@@ -43,7 +44,9 @@ class Part(NamedTuple):
   group: str  # key in the params tree
   prefix: str  # of its PyTorch keys
   entries: Callable  # unscanned group params -> [(path tuple, key without prefix, layout)]
-  scanned: str = ""  # name of an nn.scan subtree of blocks, if any (written as `name_{i}`)
+  # nn.scan subtree(s) of blocks, if any: a name, or a tuple of consecutive segments (written as
+  # `first_name_{i}`, numbered on across them)
+  scanned: str | tuple = ""
   # init_from: a file without this part (or, with fresh_if_misfit, with one of other shapes)
   # leaves it freshly initialised, with a warning, instead of failing.
   fresh_if_absent: bool = False
@@ -83,23 +86,39 @@ def nest(flat):
   return tree
 
 
-def unscan(tree, name):
-  """Scanned blocks (subtree `name`, every leaf stacked on axis 0) -> `name_0`, `name_1`, ..."""
-  if not name or name not in tree:
+def segments(scanned):
+  """The nn.scan subtrees a Part names: one name, or a tuple of consecutive segments (blocks of
+  different shapes, e.g. full and grouped-query attention, scan separately)."""
+  return (scanned,) if isinstance(scanned, str) else tuple(scanned)
+
+
+def unscan(tree, scanned):
+  """Scanned blocks (subtrees `scanned`, every leaf stacked on axis 0) -> `name_0`, `name_1`, ...,
+  numbered on across the segments after the first segment's name."""
+  names = [n for n in segments(scanned) if n and n in tree]
+  if not names:
     return tree
-  stacked = flatten(tree[name])
-  out = {k: v for k, v in tree.items() if k != name}
-  for i in range(len(next(iter(stacked.values())))):
-    out[f"{name}_{i}"] = nest({path: leaf[i] for path, leaf in stacked.items()})
+  out = {k: v for k, v in tree.items() if k not in names}
+  count = 0
+  for name in names:
+    stacked = flatten(tree[name])
+    for i in range(len(next(iter(stacked.values())))):
+      out[f"{segments(scanned)[0]}_{count}"] = nest({path: leaf[i] for path, leaf in stacked.items()})
+      count += 1
   return out
 
 
-def rescan(tree, name):
-  """The inverse of `unscan`: `name_0` ... `name_{n-1}` -> one subtree `name` stacked on axis 0."""
-  blocks = []
-  while f"{name}_{len(blocks)}" in tree:
-    blocks.append(flatten(tree.pop(f"{name}_{len(blocks)}")))
-  tree[name] = nest({path: np.stack([b[path] for b in blocks]) for path in blocks[0]})
+def rescan(tree, scanned, target):
+  """The inverse of `unscan`: `name_0` ... `name_{n-1}` -> the segments of `target` (a tree with the
+  scanned subtrees), each stacked on axis 0 with as many blocks as the target's."""
+  base, count = segments(scanned)[0], 0
+  for name in segments(scanned):
+    if name not in target:
+      continue
+    length = len(next(iter(flatten(target[name]).values())))
+    blocks = [flatten(tree.pop(f"{base}_{count + i}")) for i in range(length)]
+    tree[name] = nest({path: np.stack([b[path] for b in blocks]) for path in blocks[0]})
+    count += length
   return tree
 
 
@@ -132,7 +151,7 @@ def from_torch(state_dict, target, parts):
       raise KeyError(f"state dict lacks {len(missing)} {part.group} keys: {missing[:8]}")
     group = nest({path: np.ascontiguousarray(LAYOUTS[layout][1](
         np.asarray(state_dict[part.prefix + key]), flat[path].shape)) for path, key, layout in entries})
-    params[part.group] = rescan(group, part.scanned) if part.scanned in target[part.group] else group
+    params[part.group] = rescan(group, part.scanned, target[part.group])
     used |= {part.prefix + key for _, key, _ in entries}
   unexpected = sorted(set(state_dict) - used)
   if unexpected:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -67,29 +68,41 @@ def env(tmp_path_factory):
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def run_main(workdir, env, kill_at=None):
+def run_main(workdir, env, kill_at=None, hold=None):
   """(return code, output) of one training run; SIGKILLed on its first output line holding `kill_at`.
 
+  With `hold` = (STEP, MARKER), the save of checkpoint STEP stops just before its commit (the
+  test-only checkpoint.HOLD_SAVE_ENV hook) and writes MARKER; without `kill_at`, the run is
+  SIGKILLed as soon as MARKER exists: with that save provably in flight, whatever the speed.
   SIGKILL runs no handler and no `finally`: the process stops wherever it is, as on an OOM kill or
   a lost machine.
   """
+  if hold:
+    env = dict(env, **{checkpoint.HOLD_SAVE_ENV: f"{hold[0]}:{hold[1]}"})
   proc = subprocess.Popen(
       [sys.executable, "-m", "sapiens_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
        *[f"--config.{key}={value}" for key, value in TINY.items()]], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  watchdog = threading.Timer(300, proc.kill)
-  watchdog.start()
   lines = []
-  try:
+
+  def read():
     for line in proc.stdout:
       lines.append(line)
       if kill_at and kill_at in line:
         proc.kill()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  deadline = time.monotonic() + 300
+  try:
+    while proc.poll() is None and time.monotonic() < deadline:
+      if hold and not kill_at and os.path.exists(hold[1]):
+        proc.kill()
         break
-    lines.append(proc.communicate()[0])
+      time.sleep(0.05)
   finally:
-    watchdog.cancel()
     proc.kill()
     proc.wait()
+    reader.join(timeout=30)
   return proc.returncode, "".join(lines)
 
 
@@ -124,33 +137,42 @@ def uninterrupted(env, tmp_path_factory):
 def killed(env, uninterrupted, tmp_path_factory):  # after `uninterrupted`: restarts hit the cache
   """The same run SIGKILLed three times, then run to the end.
 
-  Returns (workdir, {moment: (checkpoints/ after the kill, output)}, output of the last run, size
-  of metrics.jsonl before the last run).
+  Every killed run holds the save of step 8 before its commit (run_main's `hold`), so however fast
+  the machine, step 4 is the newest committed checkpoint until the last run. Returns (workdir,
+  {moment: (checkpoints/ after the kill, output)}, what the held save wrote to its marker, output
+  of the last run, size of metrics.jsonl before the last run).
   """
   workdir = tmp_path_factory.mktemp("killed")
+  markers = tmp_path_factory.mktemp("markers")
   moments = {
-      # save(8) first waits for save(4) to commit, then returns while its files are written.
-      "right after the step 8 save started": "step 9/",
+      # Killed once the marker exists: save(8) has written its files, not committed them.
+      "while the step 8 save is in flight": None,
       "during startup, once restored": "Resumed from",
       "between saves": "step 6/",
   }
   seen = {}
-  for moment, trigger in moments.items():
-    code, output = run_main(workdir, env, kill_at=trigger)
+  for i, (moment, trigger) in enumerate(moments.items()):
+    marker = markers / f"held_{i}"
+    code, output = run_main(workdir, env, kill_at=trigger, hold=(2 * EVERY, marker))
     assert code == -9, f"{moment}: expected SIGKILL, got {code}\n{output[-3000:]}"
     seen[moment] = (listing(workdir), output)
+  first = markers / "held_0"
+  assert first.exists(), "the step 8 save was never held in flight"
+  held = first.read_text()
   offset = os.path.getsize(workdir / writers.METRICS_FILE)
   code, output = run_main(workdir, env)
   assert code == 0, output[-3000:]
-  return workdir, seen, output, offset
+  return workdir, seen, held, output, offset
 
 
 def test_sigkill_during_a_save_leaves_only_a_tmp_dir_that_restart_ignores(killed):
-  _, seen, final_output, _ = killed
-  after_save_started, _ = seen["right after the step 8 save started"]
-  assert "4" in after_save_started and "8" not in after_save_started, after_save_started
-  partial = [name for name in after_save_started if not name.isdigit()]
-  assert partial and all(name.startswith("8.") and "tmp" in name for name in partial), after_save_started
+  _, seen, held, final_output, _ = killed
+  in_flight, _ = seen["while the step 8 save is in flight"]
+  # The kill found the held save's tmp dir, and nothing of step 8 committed.
+  assert held.startswith("8.orbax-checkpoint-tmp") and held in in_flight, (held, in_flight)
+  assert "4" in in_flight and "8" not in in_flight, in_flight
+  partial = [name for name in in_flight if not name.isdigit()]
+  assert partial and all(name.startswith("8.") and "tmp" in name for name in partial), in_flight
   # Every restart resumed from the committed step 4, never from the partial step 8.
   assert "at step 4" in seen["during startup, once restored"][1]
   assert "at step 4" in seen["between saves"][1]
@@ -159,7 +181,7 @@ def test_sigkill_during_a_save_leaves_only_a_tmp_dir_that_restart_ignores(killed
 
 
 def test_resumed_run_after_sigkills_repeats_the_uninterrupted_one_bitwise(uninterrupted, killed):
-  workdir, _, _, offset = killed
+  workdir, _, _, _, offset = killed
   reference = dict(loss_lines(uninterrupted))
   assert sorted(reference) == list(range(1, STEPS + 1))
   # From the last restart on: exactly the uninterrupted losses.

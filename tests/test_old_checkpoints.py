@@ -15,6 +15,7 @@ import pytest
 from sapiens_jax import checkpoint
 from sapiens_jax import default_config
 from sapiens_jax import export
+from sapiens_jax import models
 from sapiens_jax import predict
 from sapiens_jax import train
 from sapiens_jax import writers
@@ -65,7 +66,7 @@ def test_an_old_layout_checkpoint_resumes_exports_and_predicts(kind, synthetic_c
     json.dump(saved, f)
 
   params, restored, step = checkpoint.restore_params(workdir)
-  assert step == 1 and restored.objective == config.objective and restored.model.family == "sapiens"
+  assert step == 1 and restored.objective == config.objective and models.family_name(restored.model) == "sapiens"
   assert export.export(workdir, str(tmp_path / "weights.safetensors"))[0] == 1
   image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
   prediction = predict.predict_image(*predict.load_run(workdir), image)

@@ -85,7 +85,7 @@ def layer_norm(name, dtype):
       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
 
-def _matmul(x, kernel):
+def matmul(x, kernel):
   """(B, T, *in) @ (*in, *out) -> (B, T, *out), as one 2-D matmul with the in and out axes flattened."""
   num_in = x.ndim - 2
   flat_kernel = kernel.reshape(math.prod(kernel.shape[:num_in]), -1)
@@ -112,7 +112,7 @@ class Attention(nn.Module):
     # Three plain (C, C) matmuls, not one einsum into (3, heads, head_dim): XLA:CPU copies a transposed
     # kernel for each backward matmul that contracts several axes (18% of a 0.3b step, BENCHMARKS.md).
     # Slicing the unsharded q|k|v axis keeps heads the major, shardable axis of each (C, C) matrix.
-    q, k, v = (checkpoint_name(_matmul(x, kernel[:, i]) + bias[i], QKV) for i in range(3))
+    q, k, v = (checkpoint_name(matmul(x, kernel[:, i]) + bias[i], QKV) for i in range(3))
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
     q = nn.with_logical_constraint(q, axes)
     out = attention.attention(q, k, v, self.implementation, partition=nn.logical_to_mesh_axes(axes))
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         "proj_kernel", partitioned(matrix_init(nn.initializers.xavier_uniform(), 2),
                                    ("heads", "kv", "embed")), (self.num_heads, head_dim, width))
     proj_bias = self.param("proj_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
-    return checkpoint_name(_matmul(out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype), PROJECTION)
+    return checkpoint_name(matmul(out, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype), PROJECTION)
 
 
 class Mlp(nn.Module):
@@ -159,26 +159,34 @@ class Block(nn.Module):
 
 
 def make_blocks(depth, num_heads, dtype, scan, remat_policy, attention_implementation="auto", name=None):
-  """`depth` blocks: a list (params `name_0`, `name_1`, ...) or, with `scan`, one scanned module whose
+  """`depth` Blocks: a list (params `name_0`, `name_1`, ...) or, with `scan`, one scanned module whose
   params are stacked on a leading "layers" axis (one compiled block body: faster compiles)."""
+  return stack(Block, dict(num_heads=num_heads, dtype=dtype, attention=attention_implementation), depth, scan,
+               remat_policy, name)
+
+
+def stack(block, kwargs, depth, scan, remat_policy, name=None, first=0, broadcast=0):
+  """`depth` modules `block(**kwargs)` called as (x, *args) -> (x, _), with `remat_policy`: a list
+  named `name_{first}`, `name_{first + 1}`, ..., or one nn.scan over them whose trailing `broadcast`
+  arguments are the same for every block (e.g. RoPE tables)."""
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
   policy = REMAT_POLICIES[remat_policy]
-  block = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=not scan)
+  block = block if policy is None else nn.remat(block, policy=policy, prevent_cse=not scan)
   if not scan:
-    return [block(num_heads, dtype, attention_implementation, name=None if name is None else f"{name}_{i}")
-            for i in range(depth)]
+    return [block(**kwargs, name=None if name is None else f"{name}_{first + i}") for i in range(depth)]
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(num_heads, dtype, attention_implementation,
-                                                               name=name)
+                 in_axes=(nn.broadcast,) * broadcast or 0,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name=name)
 
 
-def run_blocks(blocks, x):
+def run_blocks(blocks, x, *args):
+  """Runs a `stack` (a list or a scan) on x; `args` go to every block."""
   if isinstance(blocks, (list, tuple)):
     for block in blocks:
-      x = block(x)[0]
+      x = block(x, *args)[0]
     return x
-  return blocks(x, None)[0]
+  return blocks(x, *(args or (None,)))[0]
 
 
 def activation_bytes(width, depth, num_heads, tokens, dtype, attention_implementation):
@@ -205,8 +213,8 @@ def block_torch_entries(ours, theirs):
   entries = torch_names.norm_entries((ours, "ln1"), f"{theirs}.ln1")
   entries += torch_names.norm_entries((ours, "ln2"), f"{theirs}.ln2")
   entries += [((ours, "attn", name), f"{theirs}.attn.{key}", layout) for name, key, layout in (
-      ("qkv_kernel", "qkv.weight", "qkv_kernel"), ("qkv_bias", "qkv.bias", "reshape"),
-      ("proj_kernel", "proj.weight", "proj_kernel"), ("proj_bias", "proj.bias", "same"))]
+      ("qkv_kernel", "qkv.weight", "split_out"), ("qkv_bias", "qkv.bias", "reshape"),
+      ("proj_kernel", "proj.weight", "split_in"), ("proj_bias", "proj.bias", "same"))]
   entries += torch_names.dense_entries((ours, "ffn", "fc1"), f"{theirs}.ffn.layers.0.0")
   entries += torch_names.dense_entries((ours, "ffn", "fc2"), f"{theirs}.ffn.layers.1")
   return entries

@@ -97,8 +97,10 @@ class ViT(nn.Module):
     x = x + self.pos_embed[:, self.num_prefix_tokens:].astype(self.dtype)
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-  def encode(self, tokens):
-    """(B, n, C) tokens -> prepend cls (with its position slot) -> blocks -> final norm."""
+  def encode(self, tokens, ids=None):
+    """(B, n, C) tokens -> prepend cls (with its position slot) -> blocks -> final norm. `ids` (the
+    tokens' grid positions) is unused: `embed` added the position table."""
+    del ids
     if self.use_cls_token:
       cls = (self.cls_token + self.pos_embed[:, :1]).astype(self.dtype)
       tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.width)), tokens], axis=1)
@@ -151,17 +153,36 @@ def torch_part(prefix=""):
   return torch_names.Part("encoder", prefix, _torch_entries, scanned="layers")
 
 
+def torch_buffers(model_config, prefix=""):
+  del model_config, prefix
+  return {}
+
+
+def _width_depth(state_dict, prefix):
+  depth = torch_names.count_blocks(state_dict, re.escape(prefix) + r"layers\.(\d+)\..*")
+  return state_dict[prefix + "patch_embed.projection.weight"].shape[0], depth
+
+
+def size_of(state_dict, prefix=""):
+  """The name of the size whose tensors `state_dict` holds, or None."""
+  if prefix + "patch_embed.projection.weight" not in state_dict or prefix + "layers.0.attn.qkv.weight" not in state_dict:
+    return None
+  found = _width_depth(state_dict, prefix)
+  return next((name for name, s in SIZES.items() if (s.width, s.depth) == found), None)
+
+
 def check_state_dict(state_dict, prefix, model_config, what):
   """A backbone of another size is named as such, not drowned in a list of mis-shaped keys."""
-  key = prefix + "patch_embed.projection.weight"
-  if key not in state_dict:
+  if prefix + "patch_embed.projection.weight" not in state_dict:
     return
-  depth = torch_names.count_blocks(state_dict, re.escape(prefix) + r"layers\.(\d+)\..*")
-  found = (state_dict[key].shape[0], depth)
+  if prefix + "layers.0.attn.qkv.weight" not in state_dict and prefix + "blocks.0.attn.wq.weight" in state_dict:
+    raise ValueError(f"init_from={what!r} holds a Sapiens2 backbone, but config.model.size={model_config.size!r} "
+                     f"is a Sapiens (v1) size: set config.model.size to a sapiens2_* size")
+  found = _width_depth(state_dict, prefix)
   dims = size(model_config.size)
   if found != (dims.width, dims.depth):
-    sizes = [name for name, s in SIZES.items() if (s.width, s.depth) == found]
-    looks = f"model.size={sizes[0]!r}" if sizes else "no known size"
+    name = size_of(state_dict, prefix)
+    looks = f"model.size={name!r}" if name else "no known size"
     raise ValueError(f"init_from={what!r} holds a ViT of width {found[0]} with {found[1]} blocks ({looks}), "
                      f"but config.model.size={model_config.size!r} is width {dims.width} with {dims.depth} blocks")
 

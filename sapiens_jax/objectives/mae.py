@@ -124,7 +124,9 @@ class MAE(nn.Module):
     """
     tokens = self.encoder.embed(images)
     keep_ids, mask, restore_ids = random_masking(mask_keys, tokens.shape[1], self.mask_ratio)
-    latent = self.encoder.encode(gather_tokens(tokens, keep_ids))
+    latent = self.encoder.encode(gather_tokens(tokens, keep_ids), keep_ids)
+    # The decoder reads the cls token and the visible patch tokens (registers, if any, are dropped).
+    latent = jnp.concatenate([latent[:, :1], latent[:, self.encoder.num_prefix_tokens:]], axis=1)
     return self.decoder(latent, restore_ids).astype(jnp.float32), mask
 
 
