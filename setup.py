@@ -17,6 +17,7 @@ setuptools.setup(
         "array-record>=0.7",
         "tensorflow-datasets>=4.9",
         "numpy>=1.26",
+        "ml_dtypes>=0.5",  # bfloat16 in numpy: Sapiens2's RoPE tables are computed as upstream rounds them
         "einops>=0.8",
         "clu>=0.0.12",
         "ml_collections>=1.0",
@@ -30,8 +31,9 @@ setuptools.setup(
         # scikit-image: its bundled astronaut photo is the real photo of the parity tests.
         # pytest-xdist: the suite runs in 2 worker processes (most of its time is single-threaded
         # XLA compilation, so the second core would otherwise idle).
+        # transformers: its Sapiens2 port, which --format=transformers exports are tested against.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29", "scikit-image>=0.22"],
+                 "ipykernel>=6.29", "scikit-image>=0.22", "transformers==5.23.0"],
         # Exact pin: any looser spelling may pull a CUDA build of several GB.
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
         # Accelerators: JAX with its CUDA plugin (NVIDIA GPUs; cuDNN fused attention) or libtpu

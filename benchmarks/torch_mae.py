@@ -16,6 +16,7 @@ import timing  # benchmarks/timing.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch_sapiens2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NORM_PIX_EPS = 1e-6
 
@@ -53,6 +54,40 @@ class MAE(torch.nn.Module):
     return pred, torch.gather(mask, 1, restore)
 
 
+class Sapiens2MAE(torch.nn.Module):
+  """The same MAE with our PyTorch Sapiens2 as the encoder: cls and registers in front, RoPE on the
+  kept tokens at their own grid positions, the decoder reading cls + the kept patch tokens. One mask
+  per batch (the reference rotates with one table), which costs what one per example costs."""
+
+  def __init__(self, dims, image_size, patch_size, decoder_width, decoder_depth, decoder_heads, mask_ratio):
+    super().__init__()
+    h, w = image_size
+    self.num_patches = (h // patch_size) * (w // patch_size)
+    self.patch_size = patch_size
+    self.mask_ratio = mask_ratio
+    self.backbone = torch_sapiens2.Sapiens2Reference(dims.width, dims.depth, dims.num_heads,
+                                                     num_tokenizer_layers=dims.tokenizer_depth)
+    self.neck = torch_reference.MAENeck(dims.width, decoder_width, decoder_depth, decoder_heads, self.num_patches,
+                                        patch_size)
+
+  def forward(self, images_nchw):
+    bb = self.backbone
+    x, (gh, gw) = bb.patch_embed(images_nchw)
+    b, n, c = x.shape
+    keep = int(n * (1 - self.mask_ratio))
+    shuffle = torch.randperm(n)
+    restore = torch.argsort(shuffle).expand(b, -1)
+    x = torch.cat([bb.cls_token.expand(b, -1, -1), bb.storage_tokens.expand(b, -1, -1), x[:, shuffle[:keep]]], 1)
+    cos, sin = bb.rope_embed(gh, gw)
+    for block in bb.blocks:
+      x = block(x, (cos[shuffle[:keep]], sin[shuffle[:keep]]))
+    x = bb.ln1(x)
+    pred = self.neck(torch.cat([x[:, :1], x[:, bb.num_prefix:]], dim=1), restore)
+    mask = torch.ones(b, n)
+    mask[:, :keep] = 0
+    return pred, torch.gather(mask, 1, restore)
+
+
 def patchify(images_nchw, p):
   """(B, 3, H, W) -> (B, N, p*p*3) in sapiens_jax.patches order (row-in-patch, col-in-patch, channel)."""
   b, c, h, w = images_nchw.shape
@@ -70,14 +105,19 @@ def mae_loss(pred, images_nchw, mask, patch_size):
 
 
 def make_model_and_optimizer(config):
-  """The MAE for `config` (sizes from sapiens_jax.models.sapiens.SIZES) and its AdamW, as the JAX
-  step has."""
-  from sapiens_jax.models import sapiens  # pylint: disable=g-import-not-at-top
+  """The MAE for `config` (a Sapiens or Sapiens2 size) and its AdamW, as the JAX step has."""
+  from sapiens_jax import models  # pylint: disable=g-import-not-at-top
   m, o = config.model, config.optim
-  dims = sapiens.size(m.size)
-  model = MAE(dims.width, dims.depth, dims.num_heads, tuple(config.image_size), m.patch_size,
-              m.decoder_width, m.decoder_depth, m.decoder_heads, m.mask_ratio)
-  model.backbone.pos_embed.requires_grad_(False)
+  dims = models.family(m).size(m.size)
+  if models.family_name(m) == "sapiens2":
+    if dims.tokenizer_depth:
+      raise ValueError("the PyTorch MAE benchmark has no 4K tokenizer path")
+    model = Sapiens2MAE(dims, tuple(config.image_size), m.patch_size, m.decoder_width, m.decoder_depth,
+                        m.decoder_heads, m.mask_ratio)
+  else:
+    model = MAE(dims.width, dims.depth, dims.num_heads, tuple(config.image_size), m.patch_size,
+                m.decoder_width, m.decoder_depth, m.decoder_heads, m.mask_ratio)
+    model.backbone.pos_embed.requires_grad_(False)
   model.neck.decoder_pos_embed.requires_grad_(False)
   params = [p for p in model.parameters() if p.requires_grad]
   groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},

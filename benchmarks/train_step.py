@@ -3,6 +3,8 @@ r"""Times the jitted MAE train step on a fixed device-resident batch; prints one
   python benchmarks/train_step.py --config=configs/quickstart.py [--config.key=value ...] \
       [--steps=10] [--warmup=2] [--torch] [--threads=N] [--breakdown]
 
+Any size of either family: --config.model.size=sapiens2_small times the MAE with a Sapiens2 encoder.
+
 The step is exactly what training runs (step.abstract_train_state + step.init_train_state +
 step.jit_train_step, on the configured mesh), so the input pipeline is excluded and the number is
 the model's ceiling. MFU is analytic model FLOPs (`model_flops_per_step`) over the device peak: a
@@ -75,17 +77,27 @@ def mae_forward_flops(config):
   + 2 n_e C D                      decoder_embed
   + L_d block_flops(n_d, D)        decoder on all tokens + cls
   + 2 n_d D (3p^2)                 decoder_pred
-  Norms, softmax, GELU, masking and the loss are left out (not matmuls).
+  Norms, softmax, GELU, masking and the loss are left out (not matmuls). A Sapiens2 encoder's
+  linear layers are its family's count (paper_flops per token: grouped-query k/v, SwiGLU) on its
+  n_e + 8 tokens (the registers), plus the same attention scores.
   """
   m = config.model
-  dims = models.family(m).size(m.size)
+  family = models.family(m)
+  dims = family.size(m.size)
   width, depth = dims.width, dims.depth
   h, w = config.image_size
   p, d = m.patch_size, m.decoder_width
   n = (h // p) * (w // p)
   n_enc, n_dec = 1 + int(n * (1 - m.mask_ratio)), 1 + n
-  return (2 * n * 3 * p * p * width + depth * block_flops(n_enc, width) + 2 * n_enc * width * d
-          + m.decoder_depth * block_flops(n_dec, d) + 2 * n_dec * d * 3 * p * p)
+  patch_embed = 2 * n * 3 * p * p * width
+  if models.family_name(m) == "sapiens2":
+    tokens = n_enc + dims.num_registers
+    linear_per_token = (family.paper_flops(m, config.image_size) - patch_embed / 2) / n
+    encoder = 2 * linear_per_token * tokens + depth * 4 * tokens ** 2 * width
+  else:
+    encoder = depth * block_flops(n_enc, width)
+  return (patch_embed + encoder + 2 * n_enc * width * d + m.decoder_depth * block_flops(n_dec, d)
+          + 2 * n_dec * d * 3 * p * p)
 
 
 def model_flops_per_step(config):

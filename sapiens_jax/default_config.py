@@ -17,6 +17,11 @@ from sapiens_jax import tasks
 
 # Paper Table 2 pretraining batch sizes.
 TABLE2_BATCH = {"0.3b": 98_304, "0.6b": 65_536, "1b": 40_960, "2b": 20_480}
+# Activation checkpointing of the released sizes (more of it for bigger models); these scan their
+# blocks too. The CPU sizes (small, tiny, sapiens2_small, ...) keep everything and unroll.
+REMAT_POLICY = {"0.3b": "qkv_proj", "0.6b": "qkv_proj", "1b": "full", "2b": "full",
+                "sapiens2_0.1b": "qkv_proj", "sapiens2_0.4b": "qkv_proj", "sapiens2_0.8b": "qkv_proj",
+                "sapiens2_1b": "full", "sapiens2_1b_4k": "full", "sapiens2_5b": "full"}
 TOKENS_SEEN = 1_200_000_000_000  # patch tokens each Sapiens model saw in pretraining (paper)
 
 
@@ -69,11 +74,11 @@ def _run(objective, size, batch_size, total_steps, image_size):
   # sapiens2_small | sapiens2_tiny | sapiens2_tiny_4k.
   c.model.size = size
   c.model.patch_size = 16
-  c.model.patch_padding = 0      # 2 for some task fine-tunes (reference §1.3): same grid, shifted windows
+  c.model.patch_padding = 0      # 2 for some v1 task fine-tunes (reference §1.3): same grid, shifted windows; Sapiens2 pads none
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
-  c.model.scan_layers = size in TABLE2_BATCH  # one compiled block body for all layers
+  c.model.scan_layers = size in REMAT_POLICY  # one compiled block body (per segment) for all layers
   # Activation checkpointing (sapiens_jax.models.layers.REMAT_POLICIES): more of it for bigger models.
-  c.model.remat_policy = {"0.3b": "qkv_proj", "0.6b": "qkv_proj", "1b": "full", "2b": "full"}.get(size, "none")
+  c.model.remat_policy = REMAT_POLICY.get(size, "none")
   # auto: blocked online-softmax on CPU, cuDNN on GPU (16-bit), Pallas splash on TPU (models/attention.py)
   c.model.attention = "auto"
   # Sapiens2: the dtype RoPE rotates q and k in. Upstream rotates in bfloat16 even in float32 models

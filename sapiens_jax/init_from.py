@@ -1,8 +1,10 @@
 """`config.init_from`: start a run from released Sapiens weights or from another run of ours.
 
-Sources: an original PyTorch file (`.pth` / `.safetensors`), either a `_clean` pretrain file (bare
-backbone keys) or a full checkpoint {'state_dict': {'backbone.*', 'neck.*', ...}}; or an Orbax
-workdir of ours, `DIR` or `DIR:STEP`. A workdir is turned into PyTorch keys first, so both go
+Sources: an original PyTorch file (`.pth` / `.safetensors`), either a pretrain file (bare backbone
+keys: Sapiens' `_clean` files, Sapiens2's) or a full checkpoint {'state_dict': {'backbone.*',
+'neck.*', 'decode_head.*', ...}}; a directory holding `model.safetensors` (what transformers'
+save_pretrained writes; its native key names are read too); or an Orbax workdir of ours, `DIR` or
+`DIR:STEP`. A workdir is turned into PyTorch keys first, so both go
 through the same names (the parts that the objective, backbone family and task declare) and the
 same checks, and scanned blocks convert either way.
 
@@ -18,10 +20,13 @@ import pickle
 import re
 
 from absl import logging
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sapiens_jax import checkpoint
+from sapiens_jax import default_config
 from sapiens_jax import models
 from sapiens_jax import objectives
 from sapiens_jax import torch_names
@@ -38,11 +43,55 @@ def load_params(init_from, target_params, config):
   a part that starts fresh is returned as target_params holds it, so pass the freshly initialised
   params then.
   """
-  if init_from.endswith(TORCH_EXTENSIONS):
-    state_dict, source_grid = read_torch_file(init_from), None
+  if init_from.endswith(TORCH_EXTENSIONS) or os.path.isfile(os.path.join(init_from, SAFETENSORS_DIR_FILE)):
+    state_dict, source_grid = read_weights(init_from), None
   else:
     state_dict, source_grid = _read_workdir(init_from)
   return _fit(state_dict, source_grid, target_params, config, init_from)
+
+
+SAFETENSORS_DIR_FILE = "model.safetensors"  # inside a transformers-style directory
+
+
+def read_weights(path):
+  """{upstream key: float32 numpy array} of a PyTorch file or a directory holding model.safetensors
+  (keys in the transformers port's native names are renamed to upstream's)."""
+  if os.path.isdir(path):
+    inside = os.path.join(path, SAFETENSORS_DIR_FILE)
+    if not os.path.isfile(inside):
+      raise FileNotFoundError(f"{path!r} is a directory without {SAFETENSORS_DIR_FILE} (it holds "
+                              f"{sorted(os.listdir(path))[:LISTED]})")
+    path = inside
+  return models.upstream_names(read_torch_file(path))
+
+
+def backbone_from_file(path, image_size):
+  """(config, {"encoder": params}) of the backbone in a PyTorch file or directory, any family and
+  size, its architecture read from the tensors; other parts of the file (heads, MAE neck) are left.
+  The config is a pretraining one (a task fine-tune's backbone without cls token: `finetune`
+  without a task), for `image_size` (H, W)."""
+  state_dict = read_weights(path)
+  prefix = BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state_dict) else ""
+  size = models.size_of(state_dict, prefix)
+  if size is None:
+    sample = sorted(state_dict)[:LISTED]
+    raise ValueError(f"{path!r} holds no Sapiens or Sapiens2 backbone of a known size (keys {sample} ...)")
+  config = default_config.pretrain(size)
+  config.image_size = tuple(image_size)
+  if prefix + "cls_token" not in state_dict:
+    config.objective, config.task = "finetune", None
+  family = models.family(config.model)
+  encoder = objectives.get(config).encoder(config)
+  boxed = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, *image_size, 3))))["params"]
+  abstract = {"encoder": nn.unbox(boxed)}
+  parts = [family.torch_part(prefix)]
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix) and
+                not k[len(prefix):].startswith(torch_names.PART_PREFIXES)}
+  expected = {k: v.shape for k, v in torch_names.to_torch(torch_names.stand_ins(abstract), parts).items()}
+  family.adapt_state_dict(state_dict, expected, prefix, None, encoder.grid, path)
+  params = torch_names.from_torch(state_dict, abstract, parts)
+  logging.info("%s: %s backbone %s for %s images", path, models.family_name(config.model), size, image_size)
+  return config, jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, abstract)
 
 
 def read_torch_file(path):

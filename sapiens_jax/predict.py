@@ -2,6 +2,12 @@ r"""Run a trained checkpoint on your own photos.
 
   python -m sapiens_jax.predict --workdir=DIR --input=IMAGE_OR_DIR --output=DIR \
       [--boxes=BOXES.json] [--step=N] [--task=features] [--batch_size=8]
+  python -m sapiens_jax.predict --weights=FILE_OR_DIR --task=features --input=IMAGE_OR_DIR \
+      --output=DIR [--image_size=1024,768]
+
+--weights reads a released PyTorch file (Sapiens or Sapiens2, pretrain or task checkpoint: its
+backbone) or a transformers-style directory, with no run of ours: the family and size are read
+from the tensors, the image is stretched to --image_size and normalised as upstream does.
 
 Writes, per image STEM, what the run's task writes (shared sapiens_v1.md section 8; each task
 module's `write_prediction` says which files):
@@ -12,9 +18,9 @@ module's `write_prediction` says which files):
   seg:      STEM_seg.png (uint8 class ids) and STEM_seg_overlay.png (palette over the image).
   depth:    STEM_depth.npy (float32 (H, W) relative depth) and STEM_depth.png (inferno colours).
   normal:   STEM_normal.npy (float32 (H, W, 3) unit normals) and STEM_normal.png.
-  features: STEM_features.npy, float32 (C, H/16, W/16) final-norm patch features; works on any run,
-            pretraining included (prefix tokens such as the cls token are attended to, then
-            dropped, as the original).
+  features: STEM_features.npy, float32 (C, H/16, W/16) final-norm patch features (H/64 with
+            Sapiens2's 4K tokenizer); works on any run, pretraining included (prefix tokens, the
+            cls token and registers, are attended to, then dropped, as the original).
 Dense tasks stretch the image to the run's image size (no aspect kept) and resize the network's
 outputs back to the original size (bilinear, before the argmax / renormalisation). Unreadable
 images are named in a warning and skipped.
@@ -32,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from sapiens_jax import checkpoint
+from sapiens_jax import init_from
 from sapiens_jax import objectives
 from sapiens_jax import tasks
 from sapiens_jax import writers
@@ -45,6 +52,19 @@ FEATURES = "features"  # --task for any run: the backbone's patch features
 def load_run(workdir, step=None):
   """(config, params on the default device) of checkpoint `step` (default: the newest) of a run."""
   params, config, _ = checkpoint.restore_params(workdir, step)
+  return config, jax.device_put(params)
+
+
+def load_weights(path, image_size):
+  """(config, params on the default device) of the backbone in a PyTorch file or directory, for
+  images of `image_size` ("H", "W" strings or ints)."""
+  try:
+    size = tuple(int(v) for v in image_size)
+  except ValueError:
+    size = ()
+  if len(size) != 2 or min(size) <= 0:
+    raise ValueError(f"--image_size={','.join(map(str, image_size))}: expected H,W, two positive integers")
+  config, params = init_from.backbone_from_file(path, size)
   return config, jax.device_put(params)
 
 
@@ -221,6 +241,9 @@ def predict_files(config, params, input_path, output, boxes=None, task=None, bat
 def cli():
   """Flags are defined here, not at import, so importing this module never clashes with main.py's."""
   workdir = flags.DEFINE_string("workdir", None, "Run directory whose checkpoints/ to read.")
+  weights = flags.DEFINE_string("weights", None, "Instead of --workdir: a PyTorch .pth/.safetensors file or a "
+                                "directory with model.safetensors (--task=features).")
+  image_size = flags.DEFINE_list("image_size", ["1024", "768"], "With --weights: H,W the image is resized to.")
   input_path = flags.DEFINE_string("input", None, "An image file, or a folder of images.")
   output = flags.DEFINE_string("output", None, "Folder for the predictions.")
   boxes = flags.DEFINE_string("boxes", None, "Person boxes, for tasks that crop people: JSON {file name: "
@@ -229,16 +252,23 @@ def cli():
   task = flags.DEFINE_enum("task", None, [*tasks.TASKS, FEATURES],
                            "What to predict; default: the run's task (features for a pretraining run).")
   batch_size = flags.DEFINE_integer("batch_size", 8, "Images (pose: people) per network call.")
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  flags.mark_flags_as_required(["input", "output"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if batch_size.value <= 0:
       raise app.UsageError(f"--batch_size must be positive, got {batch_size.value}")
+    if (workdir.value is None) == (weights.value is None):
+      raise app.UsageError("give one of --workdir (a run of ours) and --weights (a PyTorch file or directory)")
+    if weights.value and task.value not in (None, FEATURES):
+      raise app.UsageError(f"--weights predicts --task=features (the backbone's), not {task.value!r}")
     person_boxes = load_boxes(boxes.value) if boxes.value else None  # fail before the slow load
     logging.set_verbosity(logging.ERROR)  # Orbax logs every read, and its read-only mode warns
-    config, params = load_run(workdir.value, step.value)
+    if weights.value:
+      config, params = load_weights(weights.value, image_size.value)
+    else:
+      config, params = load_run(workdir.value, step.value)
     logging.set_verbosity(logging.INFO)  # the progress line
     written, skipped = predict_files(config, params, input_path.value, output.value, person_boxes,
                                      task.value, batch_size.value)

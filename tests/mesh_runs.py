@@ -18,13 +18,14 @@ from sapiens_jax import default_config
 from sapiens_jax import optim
 from sapiens_jax import sharding
 from sapiens_jax import step as train_step
+from sapiens_jax import torch_names
 from sapiens_jax.objectives import mae
 
 STEPS = 3
 
 
 def tiny_config(setting):
-  c = default_config.pretrain("tiny")
+  c = default_config.pretrain(setting.get("size", "tiny"))
   c.image_size = (32, 32)
   c.batch_size = 8
   c.total_steps = 10
@@ -38,16 +39,11 @@ def tiny_config(setting):
   return c
 
 
-def stack_blocks(params, prefix):
-  """Unscanned {prefix_0: t0, prefix_1: t1, ...} -> scanned {prefix: leaves stacked on axis 0}."""
-  blocks = [params.pop(f"{prefix}_{i}") for i in range(len([k for k in params if k.startswith(prefix + "_")]))]
-  params[prefix] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
-
-
-def reference_params():
-  model = mae.build_model(tiny_config({}))
-  return jax.device_get(nn.unbox(train_step.init_state(mae, model, optim.make_optimizer(tiny_config({})),
-                                                       tiny_config({}), jax.random.key(0))["params"]))
+def reference_params(size):
+  config = tiny_config({"size": size})
+  model = mae.build_model(config)
+  return jax.device_get(nn.unbox(train_step.init_state(mae, model, optim.make_optimizer(config), config,
+                                                       jax.random.key(0))["params"]))
 
 
 def run(setting, params0, batches):
@@ -56,11 +52,10 @@ def run(setting, params0, batches):
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
   rules = sharding.rules(config)
   model, tx = mae.build_model(config), optim.make_optimizer(config)
-  params = flax.core.unfreeze(jax.tree.map(np.array, params0))
-  if config.model.scan_layers:
-    stack_blocks(params["encoder"], "layers")
-    stack_blocks(params["decoder"], "decoder_blocks")
   abstract = train_step.abstract_train_state(mae, model, tx, config, mesh, rules)
+  # The same initial values whatever the layout (scanned blocks stacked), through the PyTorch names.
+  parts = mae.torch_parts(config)
+  params = torch_names.from_torch(torch_names.to_torch(params0, parts), abstract["params"], parts)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = {"step": np.zeros((), np.int32), "params": params, "opt_state": tx.init(params)}
   state = jax.device_put(state, shardings)
@@ -71,14 +66,7 @@ def run(setting, params0, batches):
     for images in batches:
       state, metrics = step(state, {"image": jax.device_put(images, batch_sharding)})
       losses.append(float(metrics["loss"]))
-  params = jax.device_get(state["params"])
-  if config.model.scan_layers:  # unstack for comparison
-    for part, prefix in (("encoder", "layers"), ("decoder", "decoder_blocks")):
-      stacked = params[part].pop(prefix)
-      depth = jax.tree.leaves(stacked)[0].shape[0]
-      for i in range(depth):
-        params[part][f"{prefix}_{i}"] = jax.tree.map(lambda x: x[i], stacked)
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  flat = torch_names.to_torch(jax.device_get(state["params"]), parts)  # scanned or not, by PyTorch name
   sharded = sorted(k for k, s in flax.traverse_util.flatten_dict(shardings["params"], sep="/").items()
                    if not s.is_fully_replicated)
   return losses, {k: np.asarray(v) for k, v in flat.items()}, sharded
@@ -88,10 +76,11 @@ def main():
   settings, out_dir = json.loads(sys.argv[1]), sys.argv[2]
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8) for _ in range(STEPS)]  # as shipped
-  params0 = reference_params()
-  summary = {}
+  summary, params0 = {}, {}
   for name, setting in settings.items():
-    losses, params, sharded = run(setting, params0, batches)
+    size = setting.get("size", "tiny")
+    params0.setdefault(size, reference_params(size))
+    losses, params, sharded = run(setting, params0[size], batches)
     np.savez(os.path.join(out_dir, f"{name}.npz"), **params)  # every value, gathered from the devices
     summary[name] = {"losses": losses, "sharded": sharded}
   print(json.dumps(summary))

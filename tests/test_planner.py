@@ -32,3 +32,24 @@ def test_2b_under_fsdp8_shards_every_large_parameter():
   # Adam's two moments are sharded like the parameters.
   assert abs(plan["optimizer_bytes_per_device"] / (2 * total_param_bytes / 8) - 1) < 0.05
   assert plan["per_device_batch"] == 8
+
+
+def test_dry_run_counts_sapiens2_parameters_as_upstream():
+  """`--config.model.size=sapiens2_*` on any config: the encoder is upstream's module to the
+  parameter (sapiens2.md §1.1), and a 5B fine-tune under FSDP shards every large parameter."""
+  out = subprocess.run([sys.executable, "-m", "sapiens_jax.main", "--config=configs/pretrain_0.3b.py",
+                        "--config.model.size=sapiens2_0.4b", "--workdir=unused", "--dry_run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (plan["family"], plan["objective"], plan["encoder_params"]) == ("sapiens2", "mae", 395_450_368)
+
+  script = PLAN_2B_FSDP8.replace('default_config.pretrain("2b")', 'default_config.finetune("goliath_seg", "1b")')
+  script = script.replace("config.batch_size = 64", 'config.batch_size = 8\nconfig.model.size = "sapiens2_5b"\n'
+                          'config.model.scan_layers = True\nconfig.model.dtype = "bfloat16"')
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=fake_devices.env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (plan["family"], plan["encoder_params"]) == ("sapiens2", 5_066_902_976)
+  assert plan["num_large_params_unsharded"] == 0, plan["large_params_unsharded"]

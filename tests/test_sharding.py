@@ -21,7 +21,13 @@ SETTINGS = {
     "mixed_scan_remat_dots_accum4": {"mesh": (2, 2, 2), "scan": True, "remat": "dots", "accum": 4},
     "data2_fsdp4_scan_remat_qkv_proj": {"mesh": (2, 4, 1), "scan": True, "remat": "qkv_proj"},
     "one_device_accum4": {"accum": 4},
+    # Sapiens2 (18 blocks, grouped-query attention in 8 and 9: 2 kv heads over tensor 2).
+    "sapiens2_one_device": {"size": "sapiens2_tiny"},
+    "sapiens2_data2_fsdp2_tensor2_scan_remat_dots": {"size": "sapiens2_tiny", "mesh": (2, 2, 2), "scan": True,
+                                                     "remat": "dots", "base": "sapiens2_one_device"},
+    "sapiens2_fsdp8": {"size": "sapiens2_tiny", "mesh": (1, 8, 1), "base": "sapiens2_one_device"},
 }
+BASES = ("one_device", "sapiens2_one_device")
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,9 @@ def results(tmp_path_factory):
   return summary
 
 
-@pytest.mark.parametrize("name", [n for n in SETTINGS if n != "one_device"])
+@pytest.mark.parametrize("name", [n for n in SETTINGS if n not in BASES])
 def test_same_losses_and_params_as_one_device(results, name):
-  base, other = results["one_device"], results[name]
+  base, other = results[SETTINGS[name].get("base", "one_device")], results[name]
   np.testing.assert_allclose(other["losses"], base["losses"], rtol=2e-5)
   assert base["losses"][-1] < base["losses"][0]  # the steps did something
   assert other["params"].keys() == base["params"].keys()
@@ -56,3 +62,6 @@ def test_fsdp_really_shards_parameters(results):
   assert results["data8"]["sharded"] == []  # pure data parallelism replicates every parameter
   tensor = results["data2_fsdp2_tensor2"]["sharded"]
   assert "encoder/layers_0/attn/qkv_bias" in tensor  # heads over the tensor axis
+  grouped = results["sapiens2_data2_fsdp2_tensor2_scan_remat_dots"]["sharded"]
+  assert "encoder/gqa_blocks/attn/wk/bias" in grouped  # kv heads over the tensor axis
+  assert "encoder/late_blocks/ffn/w12/bias" in grouped  # the SwiGLU hidden layer too

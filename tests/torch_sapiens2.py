@@ -9,6 +9,7 @@ load released files with `load_state_dict(strict=True)`.
 """
 import math
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -262,6 +263,29 @@ def randomize_(model, seed, scale=0.02):
 def num_params(model):
   """Parameter count as upstream reports it: the state dict minus the periods buffer."""
   return sum(v.numel() for k, v in model.state_dict().items() if k != "rope_embed.periods")
+
+
+def random_reference(width, depth, num_heads, tokenizer_depth=0, rope_dtype="bfloat16", seed=0):
+  """A reference with every parameter random (norms and LayerScale near 1, so attention matters)."""
+  model = Sapiens2Reference(width, depth, num_heads, num_tokenizer_layers=tokenizer_depth,
+                            rope_dtype=getattr(torch, rope_dtype))
+  return randomize_(model, seed, scale=0.1).eval()
+
+
+def forward_nhwc(model, images):
+  """All output tokens (numpy) of (B, H, W, 3) images."""
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(images)).permute(0, 3, 1, 2)).numpy()
+
+
+def sensitivity(model, images):
+  """How far the reference's own output moves when its input moves by one float32 ulp (up or down):
+  with RoPE rotated in bfloat16, a float32 difference anywhere before the rotation flips some
+  bfloat16 roundings, so two implementations whose float32 matmuls sum in another order cannot
+  agree more closely than this."""
+  want = forward_nhwc(model, images)
+  return max(np.abs(want - forward_nhwc(model, np.nextafter(np.asarray(images), np.float32(to)))).max()
+             for to in (np.inf, -np.inf))
 
 
 EXPECTED_PARAMS = {

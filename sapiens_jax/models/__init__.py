@@ -12,6 +12,8 @@ A family module provides (see docs/extending.md):
   torch_buffers(model_config, prefix) non-parameter tensors of the PyTorch module (may be empty)
   check_state_dict(...), adapt_state_dict(...)   checks and position adaptation on load
   size_of(state_dict, prefix)         the size whose tensors a state dict holds, or None
+  upstream_names(state_dict)          other ports' key names (transformers') -> the upstream ones
+  transformers_config(model_config, image_size)  config.json of the transformers port, if any
   layer_id(names, leaf, depth), num_layers(model_config)   layer-wise lr decay
   paper_flops(model_config, image_size), encoder_activation_bytes(model_config, tokens)
 """
@@ -33,3 +35,16 @@ def family_name(model_config):
 def family(model_config):
   """The family module of `model_config.size`."""
   return FAMILIES[family_name(model_config)]
+
+
+def upstream_names(state_dict):
+  """A state dict with every family's third-party key names (the transformers port's) made upstream's."""
+  for module in FAMILIES.values():
+    state_dict = module.upstream_names(state_dict)
+  return state_dict
+
+
+def size_of(state_dict, prefix=""):
+  """The size name (of any family) whose tensors `state_dict` holds under `prefix`, or None."""
+  return next((found for found in (module.size_of(state_dict, prefix) for module in FAMILIES.values()) if found),
+              None)

@@ -158,6 +158,16 @@ def torch_buffers(model_config, prefix=""):
   return {}
 
 
+def upstream_names(state_dict):
+  return state_dict  # no other port's names to read
+
+
+def transformers_config(model_config, image_size):
+  del image_size
+  raise ValueError(f"config.model.size={model_config.size!r}: transformers has no Sapiens (v1) port; export "
+                   f"it as .safetensors or .pth")
+
+
 def _width_depth(state_dict, prefix):
   depth = torch_names.count_blocks(state_dict, re.escape(prefix) + r"layers\.(\d+)\..*")
   return state_dict[prefix + "patch_embed.projection.weight"].shape[0], depth

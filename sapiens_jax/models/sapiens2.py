@@ -375,10 +375,9 @@ class Sapiens2ViT(nn.Module):
 
 def build(model_config, image_size, cls_token):
   """The encoder of `model_config` for (H, W) images. Sapiens2 always has its cls token and
-  registers (its task models keep them too), so `cls_token` does not change it."""
+  registers (its task models keep them too), so `cls_token` does not change it; its patch
+  embedding is never padded, so `model_config.patch_padding` (v1's pose recipe) does not either."""
   del cls_token
-  if model_config.patch_padding:
-    raise ValueError(f"config.model.patch_padding={model_config.patch_padding}: Sapiens2 pads no patches")
   return Sapiens2ViT(dims=size(model_config.size), image_size=tuple(image_size), patch_size=model_config.patch_size,
                      dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
                      remat_policy=model_config.remat_policy, attention=model_config.attention,
@@ -462,6 +461,8 @@ def _signature(dims):
 
 def size_of(state_dict, prefix=""):
   """The name of the size whose tensors `state_dict` holds, or None."""
+  if prefix + "blocks.0.attn.q_norm.weight" not in state_dict:
+    return None
   found = architecture(state_dict, prefix)
   return next((name for name, dims in SIZES.items() if _signature(dims) == found), None)
 
@@ -556,3 +557,61 @@ def encoder_activation_bytes(model_config, tokens):
   tokenizer = layers.activation_bytes(d.width, d.tokenizer_depth, d.num_heads, int(windows), model_config.dtype,
                                       model_config.attention) if windows else 0
   return trunk + mlp + tokenizer
+
+
+# ---------------------------------------------------------------- the transformers port's names
+
+# transformers' Sapiens2 port (5.23) names the same tensors otherwise; its save_pretrained writes
+# upstream names by default, its native names are these (w12 split into gate_proj, the silu
+# branch, and up_proj).
+_PORT_NAMES = [
+    (r"embeddings\.cls_token", "cls_token"), (r"embeddings\.register_tokens", "storage_tokens"),
+    (r"embeddings\.patch_embeddings\.(weight|bias)", r"patch_embed.projection.\1"), (r"norm\.weight", "ln1.weight"),
+    (r"model\.layer\.(\d+)\.norm([12])\.weight", r"blocks.\1.ln\2.weight"),
+    (r"model\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", r"blocks.\1.attn.w\2.\3"),
+    (r"model\.layer\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"model\.layer\.(\d+)\.attention\.([qk]_norm)\.weight", r"blocks.\1.attn.\2.weight"),
+    (r"model\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.attn.gamma.weight"),
+    (r"model\.layer\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blocks.\1.ffn.w3.\2"),
+]
+_GATE = re.compile(r"(.*)model\.layer\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)")
+
+
+def upstream_names(state_dict):
+  """A state dict in the transformers port's native names -> upstream's (others pass unchanged)."""
+  if not any(k.startswith(("embeddings.", "model.layer.", "backbone.embeddings.")) for k in state_dict):
+    return state_dict
+  out, halves = {}, {}
+  for key, value in state_dict.items():
+    gate = _GATE.fullmatch(key)
+    if gate:
+      prefix, layer, half, kind = gate.groups()
+      halves.setdefault(f"{prefix}blocks.{layer}.ffn.w12.{kind}", {})[half] = value
+      continue
+    prefix = "backbone." if key.startswith("backbone.") else ""
+    rest = key[len(prefix):]
+    for pattern, replacement in _PORT_NAMES:
+      if re.fullmatch(pattern, rest):
+        rest = re.sub(pattern, replacement, rest)
+        break
+    out[prefix + rest] = value
+  for key, pair in halves.items():
+    if set(pair) != {"gate", "up"}:
+      raise ValueError(f"{key}: the transformers port's gate_proj and up_proj come in pairs, found only {set(pair)}")
+    out[key] = np.concatenate([np.asarray(pair["gate"]), np.asarray(pair["up"])], axis=0)
+  return out
+
+
+def transformers_config(model_config, image_size):
+  """config.json of the transformers port's Sapiens2Model for this size (no 4K tokenizer there)."""
+  d = size(model_config.size)
+  if d.tokenizer_depth:
+    raise ValueError(f"config.model.size={model_config.size!r}: the transformers port has no 4K tokenizer; "
+                     f"export it in the upstream layout (.safetensors) instead")
+  return {"model_type": "sapiens2", "architectures": ["Sapiens2Model"], "hidden_size": d.width,
+          "intermediate_size": 4 * d.width, "num_hidden_layers": d.depth, "num_attention_heads": d.num_heads,
+          "num_key_value_heads_per_layer": [d.kv_heads(i) for i in range(d.depth)],
+          "patch_size": model_config.patch_size, "num_channels": 3, "image_size": list(image_size),
+          "num_register_tokens": d.num_registers, "rope_theta": ROPE_BASE, "rms_norm_eps": NORM_EPS,
+          "hidden_act": "silu", "use_gated_mlp": True, "use_qk_norm": True, "query_bias": True, "key_bias": True,
+          "value_bias": True, "proj_bias": True, "mlp_bias": True}

@@ -150,10 +150,16 @@ def encoder(config):
   return models.family(config.model).build(config.model, config.image_size, cls_token=True)
 
 
+def token_stride(config):
+  """Pixels per encoder token along each side: the patch size, or 64 with Sapiens2's 4K tokenizer
+  (whose tokens each stand for a 4x4 window of patches); the decoder predicts patches this big."""
+  return config.image_size[0] // models.family(config.model).grid(config.model, config.image_size)[0]
+
+
 def build_model(config):
   m = config.model
   enc = encoder(config)
-  decoder = Decoder(m.decoder_width, m.decoder_depth, m.decoder_heads, enc.grid, m.patch_size,
+  decoder = Decoder(m.decoder_width, m.decoder_depth, m.decoder_heads, enc.grid, token_stride(config),
                     jnp.dtype(m.dtype), m.scan_layers, m.remat_policy, m.attention)
   return MAE(encoder=enc, decoder=decoder, mask_ratio=m.mask_ratio)
 
@@ -175,7 +181,7 @@ def loss(model, params, state, batch, keys, config):
   del state
   images = transforms.normalize(batch["image"])
   pred, mask = model.apply({"params": params}, images, keys)
-  return mae_loss(pred, images, mask, config.model.patch_size, config.model.norm_pix_loss), (pred, mask)
+  return mae_loss(pred, images, mask, token_stride(config), config.model.norm_pix_loss), (pred, mask)
 
 
 def batch_spec(config, batch_size):
@@ -187,7 +193,7 @@ def activation_bytes_per_example(config):
   the encoder, every token in the decoder."""
   m = config.model
   h, w = config.image_size
-  n = (h // m.patch_size) * (w // m.patch_size)
+  n = (h // token_stride(config)) * (w // token_stride(config))
   visible = 1 + int(n * (1 - m.mask_ratio))
   decoder = layers.activation_bytes(m.decoder_width, m.decoder_depth, m.decoder_heads, n + 1, m.dtype,
                                     m.attention)
@@ -309,7 +315,7 @@ class Evaluation:
     if jax.process_index():
       return {"loss": float(value)}, None
     m = self.config.model
-    return {"loss": float(value)}, reconstruction_grid(images, pred, mask, m.patch_size, m.norm_pix_loss,
+    return {"loss": float(value)}, reconstruction_grid(images, pred, mask, token_stride(self.config), m.norm_pix_loss,
                                                        max_rows=self.config.num_viz_images)
 
 

@@ -70,18 +70,12 @@ def test_rope_table_and_rotation_equal_upstream_bfloat16_to_the_bit(head_dim):
 
 
 def reference(name, rope_dtype="bfloat16", seed=0):
-  """Our PyTorch reference of size `name`, every parameter random (LayerScale and norms near 1) so
-  each one matters."""
-  dims = sapiens2.size(name)
-  model = torch_sapiens2.Sapiens2Reference(
-      dims.width, dims.depth, dims.num_heads, num_tokenizer_layers=dims.tokenizer_depth,
-      rope_dtype=getattr(torch, rope_dtype))
-  return torch_sapiens2.randomize_(model, seed, scale=0.1).eval()
+  """Our PyTorch reference of size `name`, every parameter random."""
+  d = sapiens2.size(name)
+  return torch_sapiens2.random_reference(d.width, d.depth, d.num_heads, d.tokenizer_depth, rope_dtype, seed)
 
 
-def torch_forward(model, images):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(images)).permute(0, 3, 1, 2)).numpy()
+torch_forward = torch_sapiens2.forward_nhwc
 
 
 def imported(model, encoder, image_size):
@@ -97,16 +91,6 @@ def inputs(image_size, photo):
   if photo:
     return transforms.normalize(jnp.asarray(photos.astronaut(image_size))[None])
   return jax.random.normal(jax.random.key(1), (2, *image_size, 3))
-
-
-def reference_sensitivity(model, images):
-  """How far the reference's own output moves when its input moves by one float32 ulp (up or down):
-  with RoPE rotated in bfloat16, a float32 difference anywhere before the rotation flips some
-  bfloat16 roundings, so two implementations whose float32 matmuls sum in another order cannot
-  agree more closely than this."""
-  want = torch_forward(model, images)
-  return max(np.abs(want - torch_forward(model, np.nextafter(np.asarray(images), np.float32(to)))).max()
-             for to in (np.inf, -np.inf))
 
 
 CASES = [  # size, image size, photo
@@ -132,7 +116,7 @@ def test_features_match_the_reference_with_rope_in_float32(name, image_size, pho
 
 @pytest.mark.parametrize("name,image_size,photo", CASES[:2] + CASES[3:])
 def test_features_match_the_reference_with_upstreams_bfloat16_rope(name, image_size, photo):
-  """The default: about as close as the reference is to itself (see reference_sensitivity; measured
+  """The default: about as close as the reference is to itself (see torch_sapiens2.sensitivity; measured
   1-2x of it, up to 3e-3 on features up to 4), and 10x closer than rotating in float32 would be."""
   model = reference(name)
   encoder = sapiens2.build(model_config(name), image_size, cls_token=True)
@@ -142,7 +126,7 @@ def test_features_match_the_reference_with_upstreams_bfloat16_rope(name, image_s
   float32_rope = sapiens2.build(model_config(name, rope_dtype="float32"), image_size, cls_token=True)
   rope_effect = np.abs(got - np.asarray(float32_rope.apply({"params": imported(model, encoder, image_size)},
                                                             images))).max()
-  assert error <= 3 * reference_sensitivity(model, images)
+  assert error <= 3 * torch_sapiens2.sensitivity(model, images)
   assert error < rope_effect / 10
 
 
@@ -220,3 +204,13 @@ def test_state_dict_of_another_size_is_named():
   assert sapiens2.size_of(state_dict) == "sapiens2_tiny"
   with pytest.raises(ValueError, match=r"model.size='sapiens2_tiny'.*'sapiens2_small'"):
     sapiens2.check_state_dict(state_dict, "", ml_collections.ConfigDict({"size": "sapiens2_small"}), "f")
+
+
+def test_size_names_pick_one_family():
+  from sapiens_jax import models  # pylint: disable=g-import-not-at-top
+  from sapiens_jax.models import sapiens  # pylint: disable=g-import-not-at-top
+  assert not set(sapiens.SIZES) & set(sapiens2.SIZES)
+  assert models.family_name(ml_collections.ConfigDict({"size": "sapiens2_0.4b"})) == "sapiens2"
+  assert models.family_name(ml_collections.ConfigDict({"size": "0.3b"})) == "sapiens"
+  with pytest.raises(ValueError, match="'sapiens2_2b' is not a known size; expected one of"):
+    models.family_name(ml_collections.ConfigDict({"size": "sapiens2_2b"}))

@@ -129,3 +129,19 @@ def test_patchify_order_matches_loss_target():
   images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.float32).reshape(2, 32, 32, 3)
   p = patches.patchify(images, 16)
   np.testing.assert_array_equal(p[1, 3], np.asarray(images[1, 16:32, 16:32, :]).reshape(-1))
+
+@pytest.mark.parametrize("size,image_size,stride", [("sapiens2_tiny", (64, 48), 16),
+                                                    ("sapiens2_tiny_4k", (256, 192), 64)])
+def test_a_sapiens2_encoder_reconstructs_its_own_tokens(size, image_size, stride):
+  """MAE with a Sapiens2 encoder: the decoder sees cls + the visible tokens (registers dropped) and
+  predicts one patch per encoder token, 64x64 pixels with the 4K tokenizer's window tokens."""
+  config = default_config.pretrain(size)
+  config.image_size = image_size
+  model = mae.build_model(config)
+  params = jax.eval_shape(lambda: mae.init_params(model, config, jax.random.key(0)))
+  batch = {"image": jax.ShapeDtypeStruct((2, *image_size, 3), jnp.uint8)}
+  keys = jax.eval_shape(lambda: example_keys(jax.random.key(0), 2))
+  loss, (pred, mask) = jax.eval_shape(lambda p, b, k: mae.loss(model, nn.unbox(p), {}, b, k, config), params, batch,
+                                      keys)
+  tokens = (image_size[0] // stride) * (image_size[1] // stride)
+  assert loss.shape == () and pred.shape == (2, tokens, stride * stride * 3) and mask.shape == (2, tokens)
