@@ -50,20 +50,28 @@ class Size:
     return self.width // self.num_heads
 
   def kv_heads(self, layer):
-    """Key/value heads of block `layer`: all of them near either end, half in between."""
-    if layer < FULL_ATTENTION_EDGE or layer >= self.depth - FULL_ATTENTION_EDGE:
-      return self.num_heads
-    return self.num_heads // 2
+    return kv_heads(layer, self.depth, self.num_heads)
 
   def segments(self):
-    """[(name, first block, number of blocks, kv heads)] of the runs of equally shaped blocks."""
-    runs = []
-    for i in range(self.depth):
-      if runs and runs[-1][3] == self.kv_heads(i):
-        runs[-1][2] += 1
-      else:
-        runs.append([SEGMENTS[len(runs)], i, 1, self.kv_heads(i)])
-    return [tuple(run) for run in runs]
+    return segments(self.depth, self.num_heads)
+
+
+def kv_heads(layer, depth, num_heads):
+  """Key/value heads of block `layer`: all of them near either end, half in between."""
+  if layer < FULL_ATTENTION_EDGE or layer >= depth - FULL_ATTENTION_EDGE:
+    return num_heads
+  return num_heads // 2
+
+
+def segments(depth, num_heads):
+  """[(name, first block, number of blocks, kv heads)] of the runs of equally shaped blocks."""
+  runs = []
+  for i in range(depth):
+    if runs and runs[-1][3] == kv_heads(i, depth, num_heads):
+      runs[-1][2] += 1
+    else:
+      runs.append([SEGMENTS[len(runs)], i, 1, kv_heads(i, depth, num_heads)])
+  return [tuple(run) for run in runs]
 
 
 # The upstream arch_zoo; `_4k` adds the windowed tokenizer (only 1b is released so). The small
@@ -246,6 +254,7 @@ class Block(nn.Module):
 class Tokenizer(nn.Module):
   """The 4K variant's windowed tokenizer: (B, h, w, C) patch tokens -> (B, h/4 * w/4, C), one
   token per 4x4 window (its cls token after the blocks), windows in row-major order."""
+  width: int
   num_heads: int
   depth: int
   dtype: Any = jnp.float32
@@ -259,8 +268,6 @@ class Tokenizer(nn.Module):
                                       (1, 1 + WINDOW * WINDOW, self.width))
     self.blocks = [Block(self.num_heads, self.num_heads, self.dtype, self.attention, trunk=False, name=f"blocks_{j}")
                    for j in range(self.depth)]
-
-  width: int = 0
 
   def run(self, windows):
     """(m, 16, C) windows -> (m, C) their cls outputs."""
@@ -318,20 +325,19 @@ class Sapiens2ViT(nn.Module):
     self.storage_tokens = self.param("storage_tokens", layers.partitioned(_normal(), c_axes),
                                      (1, d.num_registers, d.width))
     if d.tokenizer_depth:
-      self.tokenizer = Tokenizer(d.num_heads, d.tokenizer_depth, self.dtype, self.attention,
-                                 remat=self.remat_policy != "none", width=d.width)
-    self.blocks = [self._segment(*segment) for segment in d.segments()] if self.scan_layers else [
-        layers.stack(Block, self._block_kwargs(d.kv_heads(i)), 1, False, self.remat_policy, "blocks", first=i)[0]
-        for i in range(d.depth)]
+      self.tokenizer = Tokenizer(d.width, d.num_heads, d.tokenizer_depth, self.dtype, self.attention,
+                                 remat=self.remat_policy != "none")
+    if self.scan_layers:  # one nn.scan per segment of equally shaped blocks
+      self.blocks = [layers.stack(Block, self._block_kwargs(kv), count, True, self.remat_policy, name, broadcast=1)
+                     for name, _, count, kv in d.segments()]
+    else:
+      self.blocks = [layers.stack(Block, self._block_kwargs(d.kv_heads(i)), 1, False, self.remat_policy, "blocks",
+                                  first=i)[0] for i in range(d.depth)]
     self.ln1 = rms_norm("ln1", self.dtype)
 
   def _block_kwargs(self, kv_heads):
     return dict(num_heads=self.dims.num_heads, num_kv_heads=kv_heads, dtype=self.dtype, attention=self.attention,
                 rope_dtype=self.rope_dtype, num_prefix=self.num_prefix_tokens)
-
-  def _segment(self, name, first, count, kv_heads):
-    del first
-    return layers.stack(Block, self._block_kwargs(kv_heads), count, True, self.remat_policy, name, broadcast=1)
 
   def embed(self, images):
     """(B, H, W, 3) images -> (B, N, C) patch tokens (no position: RoPE rotates them in `encode`)."""
@@ -364,9 +370,8 @@ class Sapiens2ViT(nn.Module):
     b = tokens.shape[0]
     prefix = jnp.concatenate([self.cls_token, self.storage_tokens], axis=1).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), tokens], axis=1)
-    rope = (sin, cos)
-    for blocks in self.blocks:
-      x = layers.run_blocks(blocks if self.scan_layers else [blocks], x, rope)
+    for blocks in self.blocks:  # a block, or a scanned segment of them
+      x = layers.run_blocks(blocks, x, (sin, cos))
     return self.ln1(x)
 
   def __call__(self, images):
@@ -483,14 +488,10 @@ def check_state_dict(state_dict, prefix, model_config, what):
   found = size_of(state_dict, prefix)
   if found != model_config.size:
     looks = f"model.size={found!r}" if found else "no known size"
+    dims = size(model_config.size)
     raise ValueError(f"init_from={what!r} holds {describe(state_dict, prefix)} ({looks}), but "
-                     f"config.model.size={model_config.size!r} is {_describe_size(size(model_config.size))}")
-
-
-def _describe_size(dims):
-  return (f"a Sapiens2 of width {dims.width}, {dims.depth} blocks, {dims.num_heads} heads, kv heads "
-          f"{dims.num_heads // 2 if dims.depth > 2 * FULL_ATTENTION_EDGE else dims.num_heads}-{dims.num_heads}, "
-          f"{dims.tokenizer_depth} tokenizer blocks, {dims.num_registers} registers")
+                     f"config.model.size={model_config.size!r} is width {dims.width}, {dims.depth} blocks, "
+                     f"{dims.num_heads} heads, {dims.tokenizer_depth} tokenizer blocks")
 
 
 def adapt_state_dict(state_dict, expected, prefix, source_grid, target_grid, what):
@@ -517,14 +518,10 @@ def layer_id(names, leaf, depth):
   if block:
     return int(block.group(1)) + 1
   if names[0] in SEGMENTS:
-    first = {name: first for name, first, _, _ in _segments_of_depth(depth)}[names[0]]
+    first = {name: first for name, first, _, _ in segments(depth, 2)}[names[0]]
     count = leaf.shape[0]
     return np.arange(first + 1, first + count + 1).reshape(count, *[1] * (leaf.ndim - 1))
   return depth + 1
-
-
-def _segments_of_depth(depth):
-  return Size(width=4, depth=depth, num_heads=2).segments()
 
 
 def num_layers(model_config):
