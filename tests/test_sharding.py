@@ -26,6 +26,8 @@ SETTINGS = {
     "sapiens2_data2_fsdp2_tensor2_scan_remat_dots": {"size": "sapiens2_tiny", "mesh": (2, 2, 2), "scan": True,
                                                      "remat": "dots", "base": "sapiens2_one_device"},
     "sapiens2_fsdp8": {"size": "sapiens2_tiny", "mesh": (1, 8, 1), "base": "sapiens2_one_device"},
+    # 4 query heads over tensor 4, but 2 kv heads in the GQA blocks: those stay whole.
+    "sapiens2_data2_tensor4": {"size": "sapiens2_tiny", "mesh": (2, 1, 4), "base": "sapiens2_one_device"},
 }
 BASES = ("one_device", "sapiens2_one_device")
 
@@ -65,3 +67,5 @@ def test_fsdp_really_shards_parameters(results):
   grouped = results["sapiens2_data2_fsdp2_tensor2_scan_remat_dots"]["sharded"]
   assert "encoder/gqa_blocks/attn/wk/bias" in grouped  # kv heads over the tensor axis
   assert "encoder/late_blocks/ffn/w12/bias" in grouped  # the SwiGLU hidden layer too
+  uneven = results["sapiens2_data2_tensor4"]["sharded"]
+  assert "encoder/blocks_7/attn/wk/bias" in uneven and "encoder/blocks_8/attn/wk/bias" not in uneven
