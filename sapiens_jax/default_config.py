@@ -74,7 +74,8 @@ def _run(objective, size, batch_size, total_steps, image_size):
   # sapiens2_small | sapiens2_tiny | sapiens2_tiny_4k.
   c.model.size = size
   c.model.patch_size = 16
-  c.model.patch_padding = 0      # 2 for some v1 task fine-tunes (reference §1.3): same grid, shifted windows; Sapiens2 pads none
+  # 2 for some v1 task fine-tunes (reference §1.3): same grid, shifted windows; Sapiens2 pads none.
+  c.model.patch_padding = 0
   c.model.dtype = "float32"      # compute dtype; parameters stay float32. "bfloat16" on accelerators.
   c.model.scan_layers = size in REMAT_POLICY  # one compiled block body (per segment) for all layers
   # Activation checkpointing (sapiens_jax.models.layers.REMAT_POLICIES): more of it for bigger models.

@@ -90,8 +90,8 @@ def train_and_evaluate(config, workdir, eval_only=False):
   abstract_state = train_step.abstract_train_state(objective, model, tx, config, mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state["params"]))
-  logging.info("%s %s %s: %s parameters, mesh %s", config.objective, models.family_name(config.model), config.model.size,
-               f"{num_params:,}", dict(mesh.shape))
+  logging.info("%s %s %s: %s parameters, mesh %s", config.objective, models.family_name(config.model),
+               config.model.size, f"{num_params:,}", dict(mesh.shape))
 
   # Data: each process reads its own slice of every global batch.
   if is_chief:

@@ -81,7 +81,8 @@ def run_main(workdir, env, kill_at=None, hold=None):
     env = dict(env, **{checkpoint.HOLD_SAVE_ENV: f"{hold[0]}:{hold[1]}"})
   proc = subprocess.Popen(
       [sys.executable, "-m", "sapiens_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
-       *[f"--config.{key}={value}" for key, value in TINY.items()]], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       *[f"--config.{key}={value}" for key, value in TINY.items()]], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
   lines = []
 
   def read():

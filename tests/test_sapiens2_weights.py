@@ -96,7 +96,8 @@ def test_transformers_export_loads_into_sapiens2model_and_matches(run, tmp_path)
   # The directory is a weights source too, in upstream names (as written) or the port's own.
   native = str(tmp_path / "hf_native")
   model.save_pretrained(native, save_original_format=False)
-  assert any(k.startswith("model.layer.") for k in safetensors_torch.load_file(os.path.join(native, "model.safetensors")))
+  native_keys = safetensors_torch.load_file(os.path.join(native, "model.safetensors"))
+  assert any(k.startswith("model.layer.") for k in native_keys)
   for directory in (out, native):
     loaded_config, loaded = init_from.backbone_from_file(directory, IMAGE_SIZE)
     assert loaded_config.model.size == "sapiens2_tiny"

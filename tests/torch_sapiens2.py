@@ -138,7 +138,8 @@ class Block(nn.Module):
 
 
 class Tokenizer(nn.Module):
-  """The 4K variant: each window x window patch group becomes one token (its cls output after a few full-MHSA blocks)."""
+  """The 4K variant: each window x window patch group becomes one token (its cls output after a few
+  full-MHSA blocks)."""
 
   def __init__(self, dim, num_heads, num_layers, window_size):
     super().__init__()

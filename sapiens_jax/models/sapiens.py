@@ -175,7 +175,7 @@ def _width_depth(state_dict, prefix):
 
 def size_of(state_dict, prefix=""):
   """The name of the size whose tensors `state_dict` holds, or None."""
-  if prefix + "patch_embed.projection.weight" not in state_dict or prefix + "layers.0.attn.qkv.weight" not in state_dict:
+  if not all(prefix + k in state_dict for k in ("patch_embed.projection.weight", "layers.0.attn.qkv.weight")):
     return None
   found = _width_depth(state_dict, prefix)
   return next((name for name, s in SIZES.items() if (s.width, s.depth) == found), None)

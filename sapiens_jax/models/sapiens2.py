@@ -130,7 +130,8 @@ def rope_table(grid, head_dim, dtype="bfloat16", base=ROPE_BASE):
   angles = r(r(np.float32(2 * math.pi) * coords[:, :, None]) / periods[None, None, :])
   angles = np.tile(angles.reshape(h * w, head_dim // 2), 2)
   # The sine and cosine of each float32 angle, correctly rounded to float32 first, then to dtype.
-  return r(np.sin(angles.astype(np.float64)).astype(np.float32)), r(np.cos(angles.astype(np.float64)).astype(np.float32))
+  angles = angles.astype(np.float64)
+  return r(np.sin(angles).astype(np.float32)), r(np.cos(angles).astype(np.float32))
 
 
 def _round(x, dtype):
