@@ -71,7 +71,7 @@ def backbone_from_file(path, image_size):
   The config is a pretraining one (a task fine-tune's backbone without cls token: `finetune`
   without a task), for `image_size` (H, W)."""
   state_dict = read_weights(path)
-  prefix = BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state_dict) else ""
+  prefix = _backbone_prefix(state_dict)
   size = models.size_of(state_dict, prefix)
   if size is None:
     sample = sorted(state_dict)[:LISTED]
@@ -92,6 +92,11 @@ def backbone_from_file(path, image_size):
   params = torch_names.from_torch(state_dict, abstract, parts)
   logging.info("%s: %s backbone %s for %s images", path, models.family_name(config.model), size, image_size)
   return config, jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, abstract)
+
+
+def _backbone_prefix(state_dict):
+  """`backbone.` for a full checkpoint (MAE or task), "" for a backbone-only file."""
+  return BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state_dict) else ""
 
 
 def read_torch_file(path):
@@ -147,7 +152,7 @@ def _mismatch_error(what, missing, unexpected, misshaped):
 def _fit(state_dict, source_grid, target_params, config, what):
   """Checked, resized and renamed: the source's PyTorch-keyed state dict as our param tree."""
   objective = objectives.get(config)
-  prefix = BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state_dict) else ""
+  prefix = _backbone_prefix(state_dict)
   parts = [p._replace(prefix=prefix) if p.group == "encoder" else p for p in objective.torch_parts(config)]
   models.family(config.model).check_state_dict(state_dict, prefix, config.model, what)
 

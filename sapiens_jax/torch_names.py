@@ -99,11 +99,11 @@ def unscan(tree, scanned):
   if not names:
     return tree
   out = {k: v for k, v in tree.items() if k not in names}
-  count = 0
+  base, count = segments(scanned)[0], 0
   for name in names:
     stacked = flatten(tree[name])
     for i in range(len(next(iter(stacked.values())))):
-      out[f"{segments(scanned)[0]}_{count}"] = nest({path: leaf[i] for path, leaf in stacked.items()})
+      out[f"{base}_{count}"] = nest({path: leaf[i] for path, leaf in stacked.items()})
       count += 1
   return out
 

@@ -29,8 +29,7 @@ IMAGE_SIZE = (64, 48)
 
 
 def reference(name, seed=0):
-  d = sapiens2.size(name)
-  return torch_sapiens2.random_reference(d.width, d.depth, d.num_heads, d.tokenizer_depth, seed=seed)
+  return torch_sapiens2.random_reference(sapiens2.size(name), seed=seed)
 
 
 def numpy_state(model, prefix=""):

@@ -266,9 +266,10 @@ def num_params(model):
   return sum(v.numel() for k, v in model.state_dict().items() if k != "rope_embed.periods")
 
 
-def random_reference(width, depth, num_heads, tokenizer_depth=0, rope_dtype="bfloat16", seed=0):
-  """A reference with every parameter random (norms and LayerScale near 1, so attention matters)."""
-  model = Sapiens2Reference(width, depth, num_heads, num_tokenizer_layers=tokenizer_depth,
+def random_reference(dims, rope_dtype="bfloat16", seed=0):
+  """A reference of `dims` (width, depth, num_heads and tokenizer_depth attributes, e.g. one of the
+  JAX port's sizes) with every parameter random (norms and LayerScale near 1, so attention matters)."""
+  model = Sapiens2Reference(dims.width, dims.depth, dims.num_heads, num_tokenizer_layers=dims.tokenizer_depth,
                             rope_dtype=getattr(torch, rope_dtype))
   return randomize_(model, seed, scale=0.1).eval()
 

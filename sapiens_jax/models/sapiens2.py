@@ -537,7 +537,7 @@ def paper_flops(model_config, image_size):
   h, w = image_size
   p = model_config.patch_size
   patches = (h // p) * (w // p)
-  tokens = grid(model_config, image_size)[0] * grid(model_config, image_size)[1]
+  tokens = math.prod(grid(model_config, image_size))
   c = d.width
   blocks = sum(14 * c * c + 2 * c * d.kv_heads(i) * d.head_dim for i in range(d.depth))
   tokenizer = d.tokenizer_depth * 16 * c * c * patches * (1 + WINDOW * WINDOW) / (WINDOW * WINDOW)

@@ -192,8 +192,8 @@ def activation_bytes_per_example(config):
   """Rough activation bytes of one example (no remat): the visible tokens and the cls token in
   the encoder, every token in the decoder."""
   m = config.model
-  h, w = config.image_size
-  n = (h // token_stride(config)) * (w // token_stride(config))
+  h, w = models.family(m).grid(m, config.image_size)
+  n = h * w
   visible = 1 + int(n * (1 - m.mask_ratio))
   decoder = layers.activation_bytes(m.decoder_width, m.decoder_depth, m.decoder_heads, n + 1, m.dtype,
                                     m.attention)

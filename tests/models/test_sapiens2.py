@@ -71,8 +71,7 @@ def test_rope_table_and_rotation_equal_upstream_bfloat16_to_the_bit(head_dim):
 
 def reference(name, rope_dtype="bfloat16", seed=0):
   """Our PyTorch reference of size `name`, every parameter random."""
-  d = sapiens2.size(name)
-  return torch_sapiens2.random_reference(d.width, d.depth, d.num_heads, d.tokenizer_depth, rope_dtype, seed)
+  return torch_sapiens2.random_reference(sapiens2.size(name), rope_dtype, seed)
 
 
 torch_forward = torch_sapiens2.forward_nhwc
