@@ -76,7 +76,8 @@ def test_runs_compute_what_they_did_before_the_split(name, tmp_path):
     np.testing.assert_allclose(got["loss"][:steps], expected["loss"][:steps], rtol=2e-4)
     return
   np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
-  assert [sorted(e) for e in got["eval"]] == [sorted(e) for e in expected["eval"]]
+  added = {"synthetic_pose": {"eval_PCK@0.05", "eval_PCK@0.1", "eval_PCK@0.2"}}.get(name, set())  # since recorded
+  assert [sorted(set(e) - added) for e in got["eval"]] == [sorted(e) for e in expected["eval"]]
   for ours, theirs in zip(got["eval"], expected["eval"]):
     for key in theirs:
       np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=key)

@@ -9,7 +9,7 @@ A task module provides:
   TARGET, target_spec(config, batch)   the batch key a panel draws as the target; the target arrays
   loss(config, outputs, batch)         on the head's float32 outputs
   eval_outputs(forward, images, config), Evaluator(config, source), METRICS {name: "min" | "max"}
-  baseline(config, source, batches)    the best prediction that does not look at the image
+  baselines(config, train_batches)    {name: batch -> predictions} that never look at the image, fitted on train
   make_source(config, root, split), train_example(config, source), eval_example(config, source, i)
   convert_records(input_dir, annotations, output)   the dataset as ArrayRecord records
   panel(config, example, prediction)   a picture row: image | target | prediction

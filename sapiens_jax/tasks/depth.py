@@ -67,10 +67,49 @@ class Evaluator(dense.MaskedEvaluator):
     super().__init__(TARGET, dense_transforms.depth_foreground, metrics.DepthMetrics())
 
 
-def baseline(config, source, batches):
-  """A constant: after the per-image scale-and-shift alignment every constant scores the same."""
-  del config, source, batches
-  return lambda batch: np.zeros(batch[TARGET].shape, np.float32)
+RAMP_ANGLES = 36  # directions tried for the best fixed ramp, every 5 degrees over a half-turn
+
+
+def ramp(shape, degrees):
+  """(H, W) cos(a) * row + sin(a) * column: 0 degrees is the vertical ramp (row index), 90 the
+  horizontal one (column index)."""
+  rows, columns = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
+  angle = np.radians(degrees)
+  return (np.cos(angle) * rows + np.sin(angle) * columns).astype(np.float32)
+
+
+def baselines(config, train_batches):
+  """{name: batch -> depth} of the image-independent predictions fitted on the training split's
+  un-augmented examples (`train_batches()`), for the evaluator's per-image scale-and-shift
+  alignment: a constant; the mean aligned depth map (each training target standardised over its
+  person, averaged per pixel over the images where the pixel is on the person; 0 elsewhere); the
+  vertical and horizontal ramps; and the fixed ramp direction that scores best on the training split."""
+  del config
+  total = count = 0.0
+  directions = np.arange(RAMP_ANGLES) * 180.0 / RAMP_ANGLES
+  scores, shape = None, None
+  for batch in train_batches():
+    targets = batch[TARGET][batch["valid"]]
+    if shape is None:
+      shape = targets.shape[1:]
+      ramps = [ramp(shape, a) for a in directions]
+      scores = [metrics.DepthMetrics() for _ in directions]
+    for target in targets:
+      foreground = dense_transforms.depth_foreground(target)
+      values = target[foreground].astype(np.float64)
+      if values.size < 2 or values.std() == 0:
+        continue
+      standard = np.zeros(shape)
+      standard[foreground] = (values - values.mean()) / values.std()
+      total, count = total + standard, count + foreground
+      for score, r in zip(scores, ramps):
+        score.add(r, target, foreground)
+  mean_map = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+  best = directions[int(np.argmin([s.result()["rmse"] for s in scores]))]
+  fixed = lambda values: lambda b: np.broadcast_to(values, b[TARGET].shape)
+  return {"constant": fixed(np.zeros(shape, np.float32)), "mean_aligned_map": fixed(mean_map),
+          "vertical_ramp": fixed(ramp(shape, 0.0)), "horizontal_ramp": fixed(ramp(shape, 90.0)),
+          f"best_ramp_{best:g}deg": fixed(ramp(shape, best))}
 
 
 def panel(config, example, prediction=None):

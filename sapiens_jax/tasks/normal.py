@@ -76,15 +76,22 @@ class Evaluator(dense.MaskedEvaluator):
     return out
 
 
-def baseline(config, source, batches):
-  """The split's mean foreground normal, everywhere."""
-  del config, source
-  total = 0.0
-  for batch in batches():
-    normals = batch[TARGET][batch["valid"]].reshape(-1, 3)
-    total = total + normals[dense_transforms.normal_foreground(normals)].sum(0)
-  mean = (total / np.linalg.norm(total)).astype(np.float32)  # same direction as the mean
-  return lambda batch: np.broadcast_to(mean, batch[TARGET].shape)
+def baselines(config, train_batches):
+  """{name: batch -> normals} of the image-independent predictions fitted on the training split's
+  un-augmented examples (`train_batches()`): the mean foreground normal everywhere, and each pixel's
+  mean foreground normal, renormalised (pixels never on a person in training take the overall mean)."""
+  del config
+  per_pixel = 0.0
+  for batch in train_batches():
+    normals = batch[TARGET][batch["valid"]].astype(np.float64)
+    foreground = dense_transforms.normal_foreground(normals)[..., None]
+    per_pixel = per_pixel + np.where(foreground, normals, 0.0).sum(0)
+  total = per_pixel.reshape(-1, 3).sum(0)
+  mean = (total / np.linalg.norm(total)).astype(np.float32)
+  length = np.linalg.norm(per_pixel, axis=-1, keepdims=True)
+  pixel_map = np.where(length > 0, per_pixel / np.maximum(length, 1e-12), mean).astype(np.float32)
+  return {"mean_normal": lambda b: np.broadcast_to(mean, b[TARGET].shape),
+          "per_pixel_mean_normal": lambda b: np.broadcast_to(pixel_map, b[TARGET].shape)}
 
 
 def panel(config, example, prediction=None):

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,9 @@ from sapiens_jax.tasks import heads
 TORCH_PREFIX = "head."  # mmpose's
 TARGET = "heatmaps"
 # pycocotools' ten statistics, all higher-is-better; the best checkpoint is chosen by AP.
-METRICS = {name: "max" for name in ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")}
+METRICS = {name: "max" for name in ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L",
+                                     "PCK@0.05", "PCK@0.1", "PCK@0.2")}
+PCK_THRESHOLDS = (0.05, 0.1, 0.2)  # of the person box's longer side (mmpose PCKAccuracy, norm_item="bbox")
 RECORDS_FILE = "keypoints.json"  # predict: every person of every photo, in COCO result format
 SYNTHETIC_ANNOTATIONS = "person_keypoints.json"  # where sapiens_jax.data.synthetic_humans writes them
 KEYPOINT_SCORE_THRESHOLD = 0.2  # mmpose CocoMetric: keypoints above it make the instance score
@@ -137,6 +140,7 @@ def eval_example(config, source, index):
   sample["keypoints"] = pose_transforms.transform_points(element["keypoints"], matrix).astype(np.float32)
   sample["visible"] = np.asarray(element["visible"], np.float32)
   sample["image_id"] = np.int64(element["image_id"])
+  sample["bbox"] = np.asarray(element["bbox"], np.float32)  # (x, y, w, h) in image pixels, for PCK
   return sample
 
 
@@ -186,13 +190,16 @@ def _ground_truth(annotation_json):
 
 class Evaluator:
   """OKS AP / AR (pycocotools, the skeleton's sigmas) of the flip-tested heatmaps, on the
-  ground-truth person boxes."""
+  ground-truth person boxes; and PCK: the share of visible keypoints within 0.05 / 0.1 / 0.2 of the box's
+  longer side (pooled over all visible keypoints of the split)."""
 
   def __init__(self, config, source):
     self.sigmas = skeleton(config).sigmas
     self.input_size = tuple(config.image_size)[::-1]  # (W, H)
     self.ground_truth = _ground_truth(source.annotation_json)
     self.results = []
+    self.pck_hits = np.zeros(len(PCK_THRESHOLDS), np.int64)
+    self.pck_count = 0
 
   def add(self, heatmaps, batch):
     valid = np.flatnonzero(batch["valid"])
@@ -200,28 +207,44 @@ class Evaluator:
                                                 self.input_size)
     for i, xy, s in zip(valid, keypoints, scores):
       self.results.append(pose_result(xy, s, image_id=int(batch["image_id"][i])))
+    if "bbox" in batch:
+      for i, xy in zip(valid, keypoints):
+        truth = heatmap_codec.to_image_coords(batch["keypoints"][i], batch["center"][i], batch["scale"][i],
+                                              self.input_size)
+        visible = batch["visible"][i] > 0
+        distance = np.linalg.norm(xy - truth, axis=-1)[visible] / max(float(np.max(batch["bbox"][i][2:])), 1e-6)
+        self.pck_hits += [np.count_nonzero(distance <= t) for t in PCK_THRESHOLDS]
+        self.pck_count += int(np.count_nonzero(visible))
 
   def result(self):
     seen = {r["image_id"] for r in self.results}  # data.num_eval may cover part of the split
     gt = dict(self.ground_truth)
     gt["images"] = [im for im in gt["images"] if im["id"] in seen]
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
-    return metrics.oks_ap(gt, self.results, self.sigmas)
+    out = metrics.oks_ap(gt, self.results, self.sigmas)
+    if self.pck_count:
+      out.update({f"PCK@{t:g}": float(h / self.pck_count) for t, h in zip(PCK_THRESHOLDS, self.pck_hits)})
+    return out
 
 
-def baseline(config, source, batches):
-  """The eval people's mean pose in crop coordinates (visible keypoints only), as heatmaps."""
-  del source
+def baselines(config, train_batches):
+  """{name: batch -> heatmaps} of the image-independent poses fitted on the training split's
+  un-augmented people (`train_batches()`), in crop coordinates, visible keypoints only: the mean
+  pose and the per-keypoint median pose."""
   h, w = config.image_size
-  total, count = 0.0, 0.0
-  for batch in batches():
+  points = []
+  for batch in train_batches():
     valid = batch["valid"]
-    visible = (batch["visible"][valid] > 0)[..., None]
-    total = total + (batch["keypoints"][valid].astype(np.float64) * visible).sum(0)
-    count = count + visible.sum(0)
-  mean = total / np.maximum(count, 1)
-  maps, _ = heatmap_codec.encode(mean, np.ones(len(mean)), (w, h), heatmap_size((h, w)), config.loss.heatmap_sigma)
-  return lambda batch: np.broadcast_to(maps, (len(batch["image"]), *maps.shape))
+    points.append(np.where((batch["visible"][valid] > 0)[..., None], batch["keypoints"][valid], np.nan))
+  points = np.concatenate(points).astype(np.float64)
+
+  def fixed(pose):
+    maps, _ = heatmap_codec.encode(pose, np.ones(len(pose)), (w, h), heatmap_size((h, w)), config.loss.heatmap_sigma)
+    return lambda batch: np.broadcast_to(maps, (len(batch["image"]), *maps.shape))
+  with warnings.catch_warnings():  # a keypoint never visible in training sits at the crop's corner
+    warnings.simplefilter("ignore", RuntimeWarning)
+    mean, median = (np.nan_to_num(reduce(points, axis=0)) for reduce in (np.nanmean, np.nanmedian))
+  return {"mean_pose": fixed(mean), "median_pose": fixed(median)}
 
 
 # ---------------------------------------------------------------- pictures and prediction

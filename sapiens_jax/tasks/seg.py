@@ -80,15 +80,24 @@ class Evaluator:
     return {k: v for k, v in metrics.seg_metrics(self.confusion).items() if np.ndim(v) == 0}
 
 
-def baseline(config, source, batches):
-  """The split's most frequent class everywhere."""
-  del config, source
-  counts = 0
-  for batch in batches():
-    labels = batch["label"][batch["valid"]].ravel()
-    counts = counts + np.bincount(labels[labels != dense_transforms.IGNORE_INDEX], minlength=256)
-  majority = np.argmax(counts)
-  return lambda batch: np.full(batch["label"].shape, majority, np.int32)
+def baselines(config, train_batches):
+  """{name: batch -> class ids} of the image-independent predictions fitted on the training split's
+  un-augmented examples (`train_batches()`): the majority class everywhere, and each pixel's
+  majority class (pixels never labelled in training take the overall majority)."""
+  num_classes = classes(config).num_classes
+  per_pixel = None
+  for batch in train_batches():
+    labels = batch["label"][batch["valid"]]
+    if per_pixel is None:
+      per_pixel = np.zeros((labels.shape[1] * labels.shape[2], num_classes), np.int64)
+    pixel = np.broadcast_to(np.arange(per_pixel.shape[0]).reshape(labels.shape[1:]), labels.shape)
+    keep = labels != dense_transforms.IGNORE_INDEX
+    np.add.at(per_pixel, (pixel[keep], labels[keep]), 1)
+  majority = int(np.argmax(per_pixel.sum(0)))
+  pixel_map = np.where(per_pixel.sum(1) > 0, np.argmax(per_pixel, 1), majority).reshape(labels.shape[1:])
+  pixel_map = pixel_map.astype(np.int32)
+  return {"majority_class": lambda b: np.full(b["label"].shape, majority, np.int32),
+          "per_pixel_majority": lambda b: np.broadcast_to(pixel_map, b["label"].shape)}
 
 
 def resize_labels(logits, height, width):

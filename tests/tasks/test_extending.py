@@ -62,7 +62,9 @@ def test_a_registered_task_trains_evaluates_and_keeps_its_best_checkpoint(config
   # The baseline (all zeros) scores the mean of the squared targets: the share of person pixels.
   source = pipeline.make_task_source(config, "eval")
   targets = np.concatenate([b["silhouette"][b["valid"]] for b in pipeline.eval_batches(config, source, 4)])
-  assert baselines.evaluate_baseline(config)["mse"] == pytest.approx(np.mean(targets), rel=1e-6)
+  results = baselines.evaluate(config)
+  assert results["empty"]["mse"] == pytest.approx(np.mean(targets), rel=1e-6)
+  assert baselines.strongest(config, results, "mse")[0] == "empty"
 
   # Prediction on photos of another size, from the run directory alone.
   photos = tmp_path / "photos"
