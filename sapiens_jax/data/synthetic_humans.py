@@ -1,7 +1,7 @@
 r"""Procedural synthetic humans with exact pose, body-part, depth and normal labels.
 
   python -m sapiens_jax.data.synthetic_humans --output=DIR --num=1000 --height=256 --width=192 \
-      [--seed=0] [--workers=1] [--framing=scene|portrait|studio]
+      [--seed=0] [--workers=1] [--framing=scene|portrait|studio] [--sapiens2]
 
 Each person is ~17 convex primitives (capsules for limbs, neck and shoulders; ellipsoids for head,
 chest, pelvis, hands and feet) posed by forward kinematics from joint angles within limits, and
@@ -19,7 +19,22 @@ classes: garments only change colours, the labels stay anatomical).
 
 Output layout under DIR: images/{i:06d}.jpg, masks/ (0/255 L PNG), segs/ (class ids, L PNG),
 depths/ (float32 (H, W), 0 on background), normals/ (float32 (H, W, 3), unit, 0 on background),
-person_keypoints.json (COCO keypoints; image id = i, annotation ids from 1) and manifest.json.
+cameras.json ({"000000": {"fx", "fy", "cx", "cy"}, ...}, the pinhole K of each image by file stem:
+the pointmap depth * K^-1 [u, v, 1] is derived, not stored, see `pointmap`), person_keypoints.json
+(COCO keypoints; image id = i, annotation ids from 1) and manifest.json ("folders" lists the folders).
+
+With sapiens2 (write_dataset, --sapiens2) also the labels of the Sapiens2 tasks, 8-bit PNGs, lossless
+so the relations below hold on the files:
+  albedos/ RGB: base colour (what `shade` multiplies by the light), 0 on background (the mask says
+    where it is valid). The shading is Lambert only, so on every person pixel
+    image = clip(round(255 albedo (ambient + diffuse max(n.l, 0)) light colour + noise)), noise ~ N(0, 2).
+  alphas/ L: 255 x the fraction of 4x4 sub-pixel rays that hit a person, measured in the silhouette
+    band (pixels whose 3x3 neighbourhood holds person and background); elsewhere the mask. Holes
+    narrower than a pixel inside the person, and slivers that no pixel centre sees, are not measured.
+  foregrounds/ RGB: the person's colour (0 where alpha is 0), backgrounds/ RGB: the background
+    plate, mattes/ RGB: their composite, exactly round((alpha fg + (255 - alpha) bg) / 255).
+images/ keeps its hard edges (a pixel shows whatever its centre ray hits), so its files stay the
+same; the matte image equals the image (before JPEG) outside the silhouette band.
 """
 import collections
 import json
@@ -440,6 +455,110 @@ def render_people(people, camera, height, width):
           "primitives": primitive_ids, "material": material, "rays": rays}
 
 
+SUBPIXELS = 4  # sub-pixel rays per side measuring the alpha; `coverage` packs the 16 hits in a uint16
+_SUB_OFFSETS = (np.arange(SUBPIXELS) + 0.5) / SUBPIXELS - 0.5
+_SUB_U, _SUB_V = np.tile(_SUB_OFFSETS, SUBPIXELS), np.repeat(_SUB_OFFSETS, SUBPIXELS)
+
+
+def silhouette_band(mask):
+  """Pixels whose 3x3 neighbourhood holds both person and background: where the alpha is measured."""
+  mask = mask.astype(np.uint8)
+  kernel = np.ones((3, 3), np.uint8)
+  return cv2.dilate(mask, kernel) > cv2.erode(mask, kernel)
+
+
+def _ellipsoid_gap(x, y, q):
+  """Squared scale of the ellipsoid whose surface the ray (x, y, 1) grazes: <= 1 is a hit.
+
+  q: columns of `_gap_table` rows (the ray's squared length and its dot with the centre in the
+  ellipsoid's unit-sphere frame are quadratic and linear in x, y).
+  """
+  length = (q[0] * x + q[3] * y + q[4]) * x + (q[1] * y + q[5]) * y + q[2]
+  along = q[6] * x + q[7] * y + q[8]
+  return q[9] - along * along / length
+
+
+def _capsule_gap(x, y, q):
+  """(Distance from the ray (x, y, 1) to the capsule's axis segment / radius)^2: <= 1 is a hit."""
+  ray_sq = x * x + y * y + 1
+  ray_start = q[0] * x + q[1] * y + q[2]
+  ray_axis = q[3] * x + q[4] * y + q[5]
+  denominator = q[8] * ray_sq - ray_axis * ray_axis  # 0 only for a ray along the axis
+  with np.errstate(divide="ignore", invalid="ignore"):
+    s = np.where(denominator > 0, (ray_start * ray_axis - q[7] * ray_sq) / denominator, 0.0)
+  s = np.clip(s, 0.0, 1.0)  # the closest point of the segment is start + s * axis
+  return (q[6] + s * (2 * q[7] + s * q[8]) - (ray_start + s * ray_axis)**2 / ray_sq) / q[9]
+
+
+def _gap_table(primitives):
+  """`_ellipsoid_gap` or `_capsule_gap` parameters (one row each) of primitives of one kind, their
+  bounding spheres (x, y, z, radius), smallest radii and largest depths."""
+  if isinstance(primitives[0], Ellipsoid):
+    centre = np.array([e.centre for e in primitives])
+    radii = np.array([e.radii for e in primitives], float)
+    scaled = np.array([e.axes for e in primitives]) / radii[:, None, :]  # camera -> unit-sphere frame
+    origin = -np.einsum("ei,eij->ej", centre, scaled)
+    quadric = np.einsum("eij,ekj->eik", scaled, scaled)
+    table = np.column_stack([quadric[:, 0, 0], quadric[:, 1, 1], quadric[:, 2, 2], 2 * quadric[:, 0, 1],
+                             2 * quadric[:, 0, 2], 2 * quadric[:, 1, 2],
+                             np.einsum("eij,ej->ei", scaled, origin), np.sum(origin**2, 1)])
+    return table, np.column_stack([centre, radii.max(1)]), radii.min(1), centre[:, 2] + radii.max(1)
+  start = np.array([c.start for c in primitives])
+  end = np.array([c.end for c in primitives])
+  radius = np.array([c.radius for c in primitives], float)
+  axis = end - start
+  table = np.column_stack([start, axis, np.sum(start**2, 1), np.sum(start * axis, 1), np.sum(axis**2, 1),
+                           radius**2])
+  sphere = np.column_stack([(start + end) / 2, np.linalg.norm(axis, axis=1) / 2 + radius])
+  return table, sphere, radius, np.maximum(start[:, 2], end[:, 2]) + radius
+
+
+def coverage(people, camera, rows, cols):
+  """Fraction of the 4x4 sub-pixel rays of pixels (rows, cols) that hit any person.
+
+  Sub-rays lie within `reach` (metres per metre of depth) of the pixel's centre ray, so where the
+  centre ray is inside a primitive shrunk by reach x its far depth, all its sub-rays hit it; outside
+  the primitive grown by as much, none do. Only the pixel-primitive pairs in between cast their
+  16 rays, which keeps the matte cheap.
+  """
+  rows, cols = np.asarray(rows), np.asarray(cols)
+  half_u, half_v = _SUB_OFFSETS[-1] / camera.fx, _SUB_OFFSETS[-1] / camera.fy
+  reach = np.hypot(half_u, half_v)
+  # Normalised image coordinates of every row and column: x = (u - cx) / fx, y = (v - cy) / fy.
+  column_x = (np.arange(cols.max(initial=0) + 1) - camera.cx) / camera.fx
+  row_y = (np.arange(rows.max(initial=0) + 1) - camera.cy) / camera.fy
+  x, y = column_x[cols], row_y[rows]
+  covered = np.zeros(len(x), np.uint16)  # bit k: sub-ray k hits
+  for kind, gap in ((Ellipsoid, _ellipsoid_gap), (Capsule, _capsule_gap)):
+    primitives = [p for person in people for p in person.primitives if isinstance(p, kind)]
+    if not primitives:
+      continue
+    table, sphere, smallest, deepest = _gap_table(primitives)
+    # Pixels whose sub-rays can meet a bounding sphere: x/z and y/z peak at its box's corners.
+    near, far = sphere[:, 2:3] - sphere[:, 3:], sphere[:, 2:3] + sphere[:, 3:]
+    low, high = sphere[:, :2] - sphere[:, 3:], sphere[:, :2] + sphere[:, 3:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      low = np.where(near > 1e-3, np.minimum(low / near, low / far), -np.inf)
+      high = np.where(near > 1e-3, np.maximum(high / near, high / far), np.inf)
+    column_ok = (column_x[:, None] + half_u >= low[:, 0]) & (column_x[:, None] - half_u <= high[:, 0])
+    row_ok = (row_y[:, None] + half_v >= low[:, 1]) & (row_y[:, None] - half_v <= high[:, 1])
+    pixel, primitive = np.nonzero(column_ok[cols] & row_ok[rows])  # sorted by pixel
+    q = table[primitive].T
+    centre_gap = gap(x[pixel], y[pixel], q)
+    margin = (deepest * reach / smallest)[primitive]  # in units of the primitive's size
+    inside = centre_gap < np.maximum(1 - margin, 0)**2
+    covered[pixel[inside]] = 0xFFFF
+    between = ~inside & (centre_gap <= (1 + margin)**2)
+    if between.any():
+      pixel = pixel[between]
+      hits = gap(x[pixel, None] + _SUB_U / camera.fx, y[pixel, None] + _SUB_V / camera.fy,
+                 q[:, between, None]) <= 1
+      bits = np.packbits(hits, axis=1, bitorder="little").view(np.uint16)[:, 0]
+      starts = np.flatnonzero(np.diff(pixel, prepend=-1))  # one run of pairs per pixel
+      covered[pixel[starts]] |= np.bitwise_or.reduceat(bits, starts)
+  return np.unpackbits(covered.view(np.uint8)).reshape(-1, SUBPIXELS**2).mean(1)
+
+
 def sample_background(rng, height, width, shapes=True):
   """Gradient + low-frequency colour noise (+ a few random shapes), uint8 (H, W, 3)."""
   angle = rng.uniform(0, 2 * np.pi)
@@ -467,10 +586,13 @@ def sample_background(rng, height, width, shapes=True):
   return image
 
 
-def shade(render, people, light, background, rng):
-  """Lambert shading of textured albedo over `background`; light = dict(direction, ambient, ...)."""
+def _shade_layers(render, people, light, rng):
+  """Textured albedo (0-255) and its Lambert-lit colour at the person pixels, and the sensor noise.
+
+  Kept apart so the albedo and matting labels reuse exactly what `shade` puts in the image.
+  """
   foreground = render["instances"] > 0
-  image = background.astype(np.float32)
+  albedo = lit = np.zeros((0, 3))
   if foreground.any():
     person_index = render["instances"][foreground].astype(int) - 1
     key = person_index * _NUM_MATERIALS + render["material"][foreground]
@@ -487,9 +609,26 @@ def shade(render, people, light, background, rng):
     albedo = colour + weight[:, None] * (table("second_colour")[key] - colour)
     lambert = np.maximum(render["normal"][foreground] @ light["direction"], 0.0)
     lit = albedo * (light["ambient"] + light["diffuse"] * lambert)[:, None] * light["colour"]
-    image[foreground] = lit
-  image += 2.0 * rng.standard_normal(image.shape, dtype=np.float32)  # sensor noise
+  noise = 2.0 * rng.standard_normal(render["instances"].shape + (3,), dtype=np.float32)  # sensor noise
+  return albedo, lit, noise
+
+
+def shading(normal, light):
+  """RGB factor (..., 3) by which `shade` multiplies the albedo: (ambient + diffuse max(n.l, 0)) colour."""
+  lambert = np.maximum(np.asarray(normal) @ light["direction"], 0.0)
+  return (light["ambient"] + light["diffuse"] * lambert)[..., None] * light["colour"]
+
+
+def _to_uint8(image):
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def shade(render, people, light, background, rng):
+  """Lambert shading of textured albedo over `background`; light = dict(direction, ambient, ...)."""
+  _, lit, noise = _shade_layers(render, people, light, rng)
+  image = background.astype(np.float32)
+  image[render["instances"] > 0] = lit
+  return _to_uint8(image + noise)
 
 
 def sample_light(rng):
@@ -594,7 +733,7 @@ def _check_framing(framing):
     raise SyntheticDataError(f"framing must be one of {FRAMINGS}, got {framing!r}")
 
 
-def render_sample(seed, index, height, width, framing="scene"):
+def render_sample(seed, index, height, width, framing="scene", sapiens2=True):
   """Sample `index` of the dataset with `seed`: image, labels and COCO annotations.
 
   framing "scene" stands 1-3 people on a ground plane 2.5-6 m away; "portrait" centres one person
@@ -605,7 +744,10 @@ def render_sample(seed, index, height, width, framing="scene"):
   Returns a dict: image uint8 (H, W, 3) RGB, mask bool, seg uint8, depth float32 (0 background),
   normal float32 (H, W, 3), instances uint8 (0 background, k = k-th person), keypoints list of
   (17, 3) float arrays, boxes list of [x, y, w, h], areas list, instance_ids (the instances value
-  of each annotated person) and camera.
+  of each annotated person) and camera. With `sapiens2` also the Sapiens2 labels (module
+  docstring): albedo float32 (H, W, 3) in [0, 1] (0 background), light (the `shade` light),
+  alpha float32 (H, W) in multiples of 1/255, foreground, background and matte uint8 (H, W, 3).
+  They draw no random numbers, so the other outputs are the same either way.
   """
   _check_size(height, width)
   if int(seed) != seed or int(index) != index or seed < 0 or index < 0:
@@ -624,7 +766,7 @@ def render_sample(seed, index, height, width, framing="scene"):
     position = _portrait_position(rng, camera, height, width, at_origin)
     people = [build_person(shape, pose, rotation, position, appearance)]
     background = sample_background(rng, height, width, shapes=framing == "portrait")
-    return compose_sample(people, camera, background, sample_light(rng), rng)
+    return compose_sample(people, camera, background, sample_light(rng), rng, sapiens2)
   num_people = int(rng.integers(1, 4))
   shapes = [sample_shape(rng) for _ in range(num_people)]
   tilt = rng.uniform(-0.12, 0.12)
@@ -633,28 +775,85 @@ def render_sample(seed, index, height, width, framing="scene"):
     rotation = body_rotation(_sample_yaw(rng), tilt, rng.uniform(-0.1, 0.1))
     people.append(build_person(shape, sample_pose(rng), rotation, position, sample_appearance(rng)))
   background = sample_background(rng, height, width)
-  return compose_sample(people, camera, background, sample_light(rng), rng)
+  return compose_sample(people, camera, background, sample_light(rng), rng, sapiens2)
 
 
-def compose_sample(people, camera, background, light, rng):
+def compose_sample(people, camera, background, light, rng, sapiens2=True):
   """Renders `people` over `background` into the dict `render_sample` returns."""
   height, width = background.shape[:2]
   render = render_people(people, camera, height, width)
-  image = shade(render, people, light, background, rng)
+  mask = render["instances"] > 0
+  albedo, lit, noise = _shade_layers(render, people, light, rng)
+  colour = background.astype(np.float32)
+  colour[mask] = lit
+  image = _to_uint8(colour + noise)
   keypoints, boxes, areas, annotated = annotate(people, render, camera)
-  return {"image": image, "mask": render["instances"] > 0, "seg": render["seg"],
-          "depth": render["depth"].astype(np.float32), "normal": render["normal"].astype(np.float32),
-          "instances": render["instances"], "keypoints": keypoints, "boxes": boxes, "areas": areas,
-          "instance_ids": [k + 1 for k in annotated], "camera": camera}
+  sample = {"image": image, "mask": mask, "seg": render["seg"],
+            "depth": render["depth"].astype(np.float32), "normal": render["normal"].astype(np.float32),
+            "instances": render["instances"], "keypoints": keypoints, "boxes": boxes, "areas": areas,
+            "instance_ids": [k + 1 for k in annotated], "camera": camera}
+  if sapiens2:
+    albedo_map = np.zeros((height, width, 3), np.float32)
+    albedo_map.reshape(-1, 3)[np.flatnonzero(mask)] = albedo / 255  # row-major, like mask indexing
+    sample.update(albedo=albedo_map, light=light,
+                  **_matting_labels(people, camera, image, colour, background, noise, mask))
+  return sample
+
+
+def _matting_labels(people, camera, image, colour, background, noise, mask):
+  """alpha, foreground, background plate and their composite `matte` (see the module docstring).
+
+  `colour` is `image` before noise and rounding. Foreground and plate carry the image's own sensor
+  noise, so outside the silhouette band alpha is the mask and the matte is the image itself.
+  Works on flat pixel indices: boolean indexing of (H, W, 3) arrays costs more than the rest.
+  """
+  flat = lambda array: array.reshape(-1, 3)
+  band = np.flatnonzero(silhouette_band(mask))
+  rows, cols = np.divmod(band, mask.shape[1])
+  alpha = mask.astype(np.uint8) * np.uint8(255)
+  band_alpha = np.round(coverage(people, camera, rows, cols) * 255).astype(np.uint8)
+  alpha.reshape(-1)[band] = band_alpha
+  plate = _to_uint8(background.astype(np.float32) + noise)  # the image where no person is
+  foreground = np.zeros_like(image)
+  person = np.flatnonzero(mask)
+  flat(foreground)[person] = flat(image)[person]
+  flat(foreground)[band[band_alpha == 0]] = 0
+  # A partly covered pixel whose centre ray misses takes the mean colour of its person neighbours.
+  extend = band[(band_alpha > 0) & ~mask.reshape(-1)[band]]
+  if len(extend):
+    on_person = mask.astype(np.float32)
+    total = cv2.boxFilter(colour * on_person[..., None], -1, (3, 3), normalize=False,
+                          borderType=cv2.BORDER_CONSTANT)
+    count = cv2.boxFilter(on_person, -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)
+    flat(foreground)[extend] = _to_uint8(flat(total)[extend] / count.reshape(-1)[extend, None] + flat(noise)[extend])
+  matte = image.copy()
+  weight = band_alpha[:, None].astype(np.uint32)
+  flat(matte)[band] = (weight * flat(foreground)[band] + (255 - weight) * flat(plate)[band] + 127) // 255
+  return {"alpha": alpha / np.float32(255), "foreground": foreground, "background": plate, "matte": matte}
+
+
+def pointmap(depth, camera):
+  """(H, W, 3) float32 camera-frame XYZ in metres, depth * K^-1 [u, v, 1], 0 where depth is 0.
+
+  The data pipeline derives it instead of reading a file; `camera` is a `Camera` or an entry of
+  cameras.json (fx, fy, cx, cy); u = column and v = row, pixel centres at integers.
+  """
+  if isinstance(camera, dict):
+    camera = Camera(*(float(camera[k]) for k in Camera._fields))
+  depth = np.asarray(depth, np.float64)
+  return (depth[..., None] * ray_directions(camera, *depth.shape)).astype(np.float32)
 
 
 _SUBDIRS = ("images", "masks", "segs", "depths", "normals")
+# Labels of the Sapiens2 tasks (albedo, matting), all lossless PNG so the matte relation holds exactly.
+SAPIENS2_SUBDIRS = ("albedos", "alphas", "mattes", "backgrounds", "foregrounds")
+CAMERAS = "cameras.json"
 
 
 def _write_sample(args):
-  """Renders sample `index` into `output`; returns its COCO annotations (without ids)."""
-  output, seed, index, height, width, framing = args
-  sample = render_sample(seed, index, height, width, framing)
+  """Renders sample `index` into `output`; returns its COCO annotations (without ids) and camera."""
+  output, seed, index, height, width, framing, sapiens2 = args
+  sample = render_sample(seed, index, height, width, framing, sapiens2)
   name = f"{index:06d}"
   cv2.imwrite(os.path.join(output, "images", name + ".jpg"), sample["image"][..., ::-1],
               [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -662,35 +861,45 @@ def _write_sample(args):
   cv2.imwrite(os.path.join(output, "segs", name + ".png"), sample["seg"])
   np.save(os.path.join(output, "depths", name + ".npy"), sample["depth"])
   np.save(os.path.join(output, "normals", name + ".npy"), sample["normal"])
+  if sapiens2:
+    albedo = np.round(sample["albedo"] * 255).astype(np.uint8)
+    alpha = np.round(sample["alpha"] * 255).astype(np.uint8)
+    for folder, image in (("albedos", albedo[..., ::-1]), ("alphas", alpha),
+                          ("mattes", sample["matte"][..., ::-1]), ("backgrounds", sample["background"][..., ::-1]),
+                          ("foregrounds", sample["foreground"][..., ::-1])):
+      cv2.imwrite(os.path.join(output, folder, name + ".png"), image)
   annotations = []
   for keypoints, box, area in zip(sample["keypoints"], sample["boxes"], sample["areas"]):
     flat = [round(float(x), 2) if k % 3 < 2 else int(x) for k, x in enumerate(keypoints.reshape(-1))]
     annotations.append({"image_id": index, "category_id": 1, "bbox": box, "area": area, "iscrowd": 0,
                         "num_keypoints": int(np.sum(keypoints[:, 2] > 0)), "keypoints": flat})
-  return annotations
+  return annotations, {k: float(v) for k, v in sample["camera"]._asdict().items()}
 
 
-def write_dataset(output, num, height, width, seed=0, workers=1, framing="scene"):
+def write_dataset(output, num, height, width, seed=0, workers=1, framing="scene", sapiens2=False):
   """Writes samples 0..num-1 in the layout of the module docstring; returns the COCO dict.
 
   workers > 1 renders in spawned processes, so a calling script needs the usual
   `if __name__ == "__main__":` guard; the files are the same for any number of workers.
+  `sapiens2` adds the SAPIENS2_SUBDIRS folders; it is off by default because their five PNGs
+  and the matte's sub-pixel rays make writing ~40% slower, and only the Sapiens2 tasks read them.
   """
   _check_size(height, width)
   if int(num) != num or num < 1:
     raise SyntheticDataError(f"num must be a positive integer, got {num!r}")
   if int(workers) != workers or workers < 1:
     raise SyntheticDataError(f"workers must be a positive integer, got {workers!r}")
-  for subdir in _SUBDIRS:
+  folders = _SUBDIRS + (SAPIENS2_SUBDIRS if sapiens2 else ())
+  for subdir in folders:
     os.makedirs(os.path.join(output, subdir), exist_ok=True)
   _check_framing(framing)
-  jobs = [(output, seed, i, height, width, framing) for i in range(num)]
+  jobs = [(output, seed, i, height, width, framing, bool(sapiens2)) for i in range(num)]
   if workers == 1:
     per_image = [_write_sample(job) for job in jobs]
   else:
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
       per_image = pool.map(_write_sample, jobs, chunksize=max(1, min(16, num // (4 * workers))))
-  annotations = [annotation for image in per_image for annotation in image]
+  annotations = [annotation for image, _ in per_image for annotation in image]
   for annotation_id, annotation in enumerate(annotations, start=1):  # COCOeval needs ids > 0
     annotation["id"] = annotation_id
   coco = {
@@ -702,9 +911,12 @@ def write_dataset(output, num, height, width, seed=0, workers=1, framing="scene"
   }
   with open(os.path.join(output, "person_keypoints.json"), "w") as f:
     json.dump(coco, f)
+  with open(os.path.join(output, CAMERAS), "w") as f:
+    json.dump({f"{i:06d}": camera for i, (_, camera) in enumerate(per_image)}, f)
   manifest = {"generator": "sapiens_jax.data.synthetic_humans", "seed": seed, "num": num,
               "height": height, "width": width, "framing": framing,
-              "seg_classes_used": list(SEG_CLASSES_USED)}
+              "seg_classes_used": list(SEG_CLASSES_USED), "folders": list(folders),
+              "cameras": CAMERAS}
   with open(os.path.join(output, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return coco
@@ -721,13 +933,14 @@ def cli():
   framing = flags.DEFINE_enum("framing", "scene", FRAMINGS,
                               "scene: 1-3 people in a room; portrait: one person filling the frame;"
                               " studio: a portrait facing the camera, plain background.")
+  sapiens2 = flags.DEFINE_boolean("sapiens2", False, "Also write the albedo and matting labels.")
   flags.mark_flags_as_required(["output"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     coco = write_dataset(output.value, num.value, height.value, width.value, seed.value, workers.value,
-                         framing.value)
+                         framing.value, sapiens2.value)
     print(f"Wrote {num.value} images with {len(coco['annotations'])} people to {output.value}",
           flush=True)
 

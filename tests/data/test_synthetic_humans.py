@@ -227,7 +227,10 @@ def test_write_dataset_layout_and_coco(tmp_path):
     manifest = json.load(f)
   assert manifest == {"generator": "sapiens_jax.data.synthetic_humans", "seed": 3, "num": num,
                       "height": height, "width": width, "framing": "scene",
-                      "seg_classes_used": list(sh.SEG_CLASSES_USED)}
+                      "seg_classes_used": list(sh.SEG_CLASSES_USED),
+                      "folders": ["images", "masks", "segs", "depths", "normals"], "cameras": "cameras.json"}
+  assert sorted(os.listdir(root)) == sorted(manifest["folders"] + ["cameras.json", "manifest.json",
+                                                                   "person_keypoints.json"])
   for i in range(num):
     sample = sh.render_sample(3, i, height, width)
     name = f"{i:06d}"
