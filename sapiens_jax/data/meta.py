@@ -15,7 +15,7 @@ import numpy as np
 
 META_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta")
 SKELETONS = ("coco17", "coco_wholebody133", "goliath308")
-SEG_CLASS_SETS = ("seg28", "seg20")
+SEG_CLASS_SETS = ("seg28", "seg20", "seg29")
 
 
 class MetadataError(ValueError):
@@ -171,7 +171,7 @@ def skeleton(name):
 
 @functools.cache
 def seg_classes(name):
-  """Body-part class metadata for 'seg28' (Goliath) | 'seg20' (CIHP/LIP)."""
+  """Body-part class metadata for 'seg28' (Goliath) | 'seg20' (CIHP/LIP) | 'seg29' (Sapiens2)."""
   path, data = _load_json(name, SEG_CLASS_SETS)
   names = tuple(_field(path, data, "class_names"))
   count = len(names)
