@@ -151,9 +151,6 @@ def normal_loss(pred, target):
 # terms keyed by the upstream loss_name, so each term can be logged; the task's loss is the sum of the
 # values (§3.0: upstream .mean()s every returned tensor and sums the keys). Masks are (B, H, W) bool.
 
-# Body-part class weights by class id 0..28 (§3.1): background 0.1, rare small parts 10.
-SAPIENS2_SEG_CLASS_WEIGHT = (0.1, 10, 10, 3, 2, 4, 4, 2, 2, 6, 10, 3, 3, 1, 4, 4, 2, 2, 6, 10, 3, 3, 1, 1,
-                             10, 10, 10, 10, 10)
 POINTMAP_CLAMP = 4.0  # upper bound on each weighted depth-normalised pointmap term (§3.3)
 
 
@@ -207,9 +204,9 @@ def seg_dice_loss(logits, labels, ignore_index=255, eps=1e-3):
   return jnp.mean(jnp.where(num_present > 0, 1.0 - mean_dice, 0.0))
 
 
-def sapiens2_seg_loss(logits, labels, class_weight=SAPIENS2_SEG_CLASS_WEIGHT, ignore_index=255):
-  """Body-part segmentation (§3.1): {"loss_ce": class-weighted CE, mean over all B*H*W pixels (the v1
-  `seg_cross_entropy`), "loss_dice": `seg_dice_loss`}, both weight 1."""
+def sapiens2_seg_loss(logits, labels, class_weight, ignore_index=255):
+  """Body-part segmentation (§3.1): {"loss_ce": CE weighted by class (seg29's class_weight in data/meta), mean
+  over all B*H*W pixels (the v1 `seg_cross_entropy`), "loss_dice": `seg_dice_loss`}, both weight 1."""
   return {"loss_ce": seg_cross_entropy(logits, labels, class_weight, ignore_index),
           "loss_dice": seg_dice_loss(logits, labels, ignore_index)}
 

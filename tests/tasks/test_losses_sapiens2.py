@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sapiens_jax import losses
+from sapiens_jax.data import meta
 
 RTOL = 1e-5
 
@@ -76,8 +77,11 @@ def forward_diff_mse(p, g, m):
 # ------------------------------------------------------------------------------------------------ segmentation
 
 
+SEG29_WEIGHT = meta.seg_classes("seg29").class_weight  # the one place the §3.1 weights live
+
+
 def test_class_weight_constant():
-  w = losses.SAPIENS2_SEG_CLASS_WEIGHT
+  w = SEG29_WEIGHT
   assert len(w) == 29 and w[0] == 0.1
   assert [i for i, v in enumerate(w) if v == 10] == [1, 2, 10, 19, 24, 25, 26, 27, 28]
   assert [i for i, v in enumerate(w) if v == 1] == [13, 22, 23]
@@ -142,7 +146,7 @@ def test_sapiens2_seg_loss_is_weighted_ce_plus_dice():
   logits, labels = seg_inputs()
   logits, labels = np.concatenate([logits] * 10, -1)[..., :29], labels.copy()
   labels[2, 0, 0] = 28
-  w = np.asarray(losses.SAPIENS2_SEG_CLASS_WEIGHT, np.float64)
+  w = np.asarray(SEG29_WEIGHT, np.float64)
   b, h, wd, _ = logits.shape
   ce = 0.0
   for i in range(b):
@@ -151,7 +155,7 @@ def test_sapiens2_seg_loss_is_weighted_ce_plus_dice():
         if labels[i, y, x] != 255:
           z = logits[i, y, x].astype(np.float64)
           ce += w[labels[i, y, x]] * (np.log(np.sum(np.exp(z))) - z[labels[i, y, x]])
-  out = losses.sapiens2_seg_loss(logits, labels)
+  out = losses.sapiens2_seg_loss(logits, labels, jnp.asarray(SEG29_WEIGHT))
   assert set(out) == {"loss_ce", "loss_dice"}
   close(out["loss_ce"], ce / (b * h * wd))  # mean over all pixels, ignored ones included
   close(out["loss_dice"], numpy_dice(logits, labels))
@@ -160,8 +164,8 @@ def test_sapiens2_seg_loss_is_weighted_ce_plus_dice():
 def test_seg_all_ignored_gives_zero_and_finite_gradients():
   logits = np.random.default_rng(2).standard_normal((2, 6, 5, 29)).astype(np.float32)
   labels = np.full((2, 6, 5), 255)
-  grads = grad(lambda x: sum(losses.sapiens2_seg_loss(x, labels).values()), logits)
-  close(sum(losses.sapiens2_seg_loss(logits, labels).values()), 0.0)
+  grads = grad(lambda x: sum(losses.sapiens2_seg_loss(x, labels, jnp.asarray(SEG29_WEIGHT)).values()), logits)
+  close(sum(losses.sapiens2_seg_loss(logits, labels, jnp.asarray(SEG29_WEIGHT)).values()), 0.0)
   assert all_finite(grads) and float(jnp.abs(grads).max()) == 0.0
 
 
