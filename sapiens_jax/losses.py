@@ -109,13 +109,20 @@ def silog_loss(pred, target, eps=1e-6, variance_focus=0.5):
 NORMALIZE_EPS = 1e-6
 
 
-def _unit(v):
-  """F.normalize(dim=-1, eps=1e-6): v / max(|v|, eps), with a finite gradient at v = 0."""
-  return v / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v), axis=-1, keepdims=True), NORMALIZE_EPS ** 2))
+def unit(v, eps=NORMALIZE_EPS):
+  """F.normalize(dim=-1, eps): v / max(|v|, eps), with a finite gradient at v = 0."""
+  return v / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v), axis=-1, keepdims=True), eps ** 2))
 
 
 def _finite_or_zero(x):
   return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _masked_pixel_mean(per_pixel, valid):
+  """sum over valid pixels / max(#valid pixels in the whole batch, 1): upstream's masked mean, one count
+  for the batch (not a mean of per-sample means). jnp.where keeps masked-out NaN/inf out of value and grad."""
+  count = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+  return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / count
 
 
 def normal_loss_terms(pred, target):
@@ -133,10 +140,9 @@ def normal_loss_terms(pred, target):
   pred = resize_to(pred, target.shape[1:3])
   target = jnp.asarray(target, jnp.float32)
   valid = dense_transforms.normal_foreground(target)
-  count = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
-  cosine = jnp.sum(_unit(pred) * _unit(target), axis=-1)
-  cosine_loss = jnp.sum(jnp.where(valid, 1.0 - cosine, 0.0)) / count
-  l1_loss = jnp.sum(jnp.where(valid, jnp.abs(pred - target).sum(axis=-1), 0.0)) / count
+  cosine = jnp.sum(unit(pred) * unit(target), axis=-1)
+  cosine_loss = _masked_pixel_mean(1.0 - cosine, valid)
+  l1_loss = _masked_pixel_mean(jnp.abs(pred - target).sum(axis=-1), valid)
   return {"cosine": _finite_or_zero(cosine_loss), "l1": _finite_or_zero(l1_loss)}
 
 
@@ -158,13 +164,6 @@ def _check_mask(mask, hw_shape):
   if tuple(mask.shape) != tuple(hw_shape):
     raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (B, H, W) = {tuple(hw_shape)}")
   return jnp.asarray(mask, bool)
-
-
-def _masked_pixel_mean(per_pixel, valid):
-  """sum over valid pixels / max(#valid pixels in the whole batch, 1): upstream's masked mean, one count
-  for the batch (not a mean of per-sample means). jnp.where keeps masked-out NaN/inf out of value and grad."""
-  count = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
-  return jnp.sum(jnp.where(valid, per_pixel, 0.0)) / count
 
 
 def masked_l1(pred, target, mask):

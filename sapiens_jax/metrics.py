@@ -221,6 +221,38 @@ def normal_metrics(pred, gt, valid):
       [np.count_nonzero(angles < t) for t in NORMAL_THRESHOLDS], angles.size)
 
 
+class _AngleAccumulator:
+  """Angle sums, threshold counts and a histogram of `bins_per_degree` bins per degree: memory does not grow
+  with the dataset. Bins are [k, k + 1) / bins_per_degree (180 itself falls in the last one)."""
+
+  def __init__(self, thresholds, bins_per_degree):
+    self.thresholds = thresholds
+    self.bins_per_degree = bins_per_degree
+    self.histogram = np.zeros(180 * bins_per_degree, np.int64)
+    self.total = 0.0
+    self.total_sq = 0.0
+    self.below = np.zeros(len(thresholds), np.int64)
+
+  @property
+  def count(self):
+    return int(self.histogram.sum())
+
+  def add(self, angles):
+    bins = np.minimum((angles * self.bins_per_degree).astype(np.int64), self.histogram.size - 1)
+    self.histogram += np.bincount(bins, minlength=self.histogram.size)
+    self.total += float(angles.sum())
+    self.total_sq += float(np.sum(angles ** 2))
+    self.below += [np.count_nonzero(angles < t) for t in self.thresholds]
+
+  def median_bin(self, rank):
+    """Centre (degrees) of the bin holding the `rank`-th smallest angle (1-based)."""
+    return (float(np.searchsorted(np.cumsum(self.histogram), rank)) + 0.5) / self.bins_per_degree
+
+  def percent_below(self):
+    count = self.count
+    return [100.0 * hits / count if count else float("nan") for hits in self.below]
+
+
 class NormalMetrics:
   """Dataset normal metrics over all valid pixels pooled (pixel-weighted).
 
@@ -229,28 +261,19 @@ class NormalMetrics:
   """
 
   def __init__(self):
-    self.histogram = np.zeros(180 * _HIST_BINS_PER_DEGREE, np.int64)
-    self.angle_sum = 0.0
-    self.below = np.zeros(len(NORMAL_THRESHOLDS), np.int64)
+    self.angles = _AngleAccumulator(NORMAL_THRESHOLDS, _HIST_BINS_PER_DEGREE)
 
   def add(self, pred, gt, valid):
-    angles = angular_errors(pred, gt, valid)
-    bins = np.minimum((angles * _HIST_BINS_PER_DEGREE).astype(np.int64),
-                      self.histogram.size - 1)
-    self.histogram += np.bincount(bins, minlength=self.histogram.size)
-    self.angle_sum += float(angles.sum())
-    self.below += [np.count_nonzero(angles < t) for t in NORMAL_THRESHOLDS]
+    self.angles.add(angular_errors(pred, gt, valid))
 
   def result(self):
-    count = int(self.histogram.sum())
+    count = self.angles.count
     if not count:
-      return _normal_summary(float("nan"), float("nan"), self.below, 0)
+      return _normal_summary(float("nan"), float("nan"), self.angles.below, 0)
     # Like np.median: mean of the two middle angles (ranks are 1-based), each
     # taken as its bin's centre.
-    ranks = ((count + 1) // 2, count // 2 + 1)
-    middle_bins = np.searchsorted(np.cumsum(self.histogram), ranks)
-    median = float(np.mean(middle_bins) + 0.5) / _HIST_BINS_PER_DEGREE
-    return _normal_summary(self.angle_sum / count, median, self.below, count)
+    median = float(np.mean([self.angles.median_bin(r) for r in ((count + 1) // 2, count // 2 + 1)]))
+    return _normal_summary(self.angles.total / count, median, self.angles.below, count)
 
 
 # ------------------------------------------------------------------------ pose
@@ -330,51 +353,26 @@ def oks_ap(gt_coco_dict, results, sigmas):
 # all valid pixels of the dataset like NormalMetrics, whose outputs stay as they are.
 
 SAPIENS2_NORMAL_THRESHOLDS = (5.0, 11.25, 22.5, 30.0)  # degrees; a pixel is "within" when its angle is < t
-_SAPIENS2_BIN_DEGREES = 0.5  # upstream's median histogram
+_SAPIENS2_BINS_PER_DEGREE = 2  # upstream's 0.5-degree median histogram
 
 
-class _AngleAccumulator:
-  """Angle sums, threshold counts and a 0.5-degree histogram: memory does not grow with the dataset."""
+def _sapiens2_angles():
+  return _AngleAccumulator(SAPIENS2_NORMAL_THRESHOLDS, _SAPIENS2_BINS_PER_DEGREE)
 
-  def __init__(self):
-    self.histogram = np.zeros(int(round(180 / _SAPIENS2_BIN_DEGREES)), np.int64)
-    self.total = 0.0
-    self.total_sq = 0.0
-    self.below = np.zeros(len(SAPIENS2_NORMAL_THRESHOLDS), np.int64)
 
-  @property
-  def count(self):
-    return int(self.histogram.sum())
-
-  def add(self, angles):
-    bins = np.minimum((angles / _SAPIENS2_BIN_DEGREES).astype(np.int64), self.histogram.size - 1)
-    self.histogram += np.bincount(bins, minlength=self.histogram.size)
-    self.total += float(angles.sum())
-    self.total_sq += float(np.sum(angles ** 2))
-    self.below += [np.count_nonzero(angles < t) for t in SAPIENS2_NORMAL_THRESHOLDS]
-
-  def median(self):
-    """Centre of the first 0.5-degree bin where the cumulative count reaches half of all angles.
-
-    Bins are [k/2, (k+1)/2) degrees (180 itself falls in the last one), so the result is a multiple of 0.5
-    plus 0.25, within 0.25 degrees of the true median of a single sample.
-    """
-    count = self.count
-    if not count:
-      return float("nan")
-    first = int(np.searchsorted(2 * np.cumsum(self.histogram), count))  # first bin with 2 * cum >= count
-    return (first + 0.5) * _SAPIENS2_BIN_DEGREES
-
-  def summary(self, median=True):
-    count = self.count
-    nan = float("nan")
-    out = dict(normal_mae=self.total / count if count else nan)
-    if median:
-      out["normal_median_deg"] = self.median()
-    out["normal_rmse"] = float(np.sqrt(self.total_sq / count)) if count else nan
-    for threshold, hits in zip(SAPIENS2_NORMAL_THRESHOLDS, self.below):
-      out[f"within_{threshold:g}_deg"] = 100.0 * hits / count if count else nan
-    return out
+def _sapiens2_angle_summary(angles, median=True):
+  """The Sapiens2 keys of an _AngleAccumulator. The median is the centre of the first 0.5-degree bin where the
+  cumulative count reaches half of all angles (the ceil(N/2)-th smallest: the lower middle for an even N), a
+  multiple of 0.5 plus 0.25, within 0.25 degrees of the true median of a single sample."""
+  count = angles.count
+  nan = float("nan")
+  out = dict(normal_mae=angles.total / count if count else nan)
+  if median:
+    out["normal_median_deg"] = angles.median_bin((count + 1) // 2) if count else nan
+  out["normal_rmse"] = float(np.sqrt(angles.total_sq / count)) if count else nan
+  for threshold, percent in zip(SAPIENS2_NORMAL_THRESHOLDS, angles.percent_below()):
+    out[f"within_{threshold:g}_deg"] = percent
+  return out
 
 
 class Sapiens2NormalMetrics:
@@ -387,7 +385,7 @@ class Sapiens2NormalMetrics:
   """
 
   def __init__(self):
-    self.angles = _AngleAccumulator()
+    self.angles = _sapiens2_angles()
     self.num_images = 0
     self.num_skipped = 0
 
@@ -400,7 +398,7 @@ class Sapiens2NormalMetrics:
     self.num_images += 1
 
   def result(self):
-    out = self.angles.summary()
+    out = _sapiens2_angle_summary(self.angles)
     out.update(num_images=self.num_images, num_skipped=self.num_skipped)
     return out
 
@@ -415,7 +413,8 @@ def _one_image(metrics, name, pred, gt, valid):
 
 def sapiens2_normal_metrics(pred, gt, valid):
   """One image's Sapiens2 normal metrics (a dataset of one, same histogram median)."""
-  return _one_image(Sapiens2NormalMetrics(), "sapiens2_normal_metrics", pred, gt, valid).angles.summary()
+  metrics = _one_image(Sapiens2NormalMetrics(), "sapiens2_normal_metrics", pred, gt, valid)
+  return _sapiens2_angle_summary(metrics.angles)
 
 
 # -------------------------------------------------------------------- pointmap
@@ -477,7 +476,7 @@ class PointmapMetrics:
     self.sq_sum = 0.0
     self.abs_sum = np.zeros(3)
     self.below = np.zeros(len(POINTMAP_DISTANCE_THRESHOLDS), np.int64)
-    self.angles = _AngleAccumulator()
+    self.angles = _sapiens2_angles()
     self.num_images = 0
     self.num_skipped = 0
 
@@ -508,7 +507,7 @@ class PointmapMetrics:
     out["rmse"] = float(np.sqrt(self.sq_sum / n)) if n else nan
     for (_, key), hits in zip(POINTMAP_DISTANCE_THRESHOLDS, self.below):
       out[key] = 100.0 * hits / n if n else nan
-    out.update(self.angles.summary(median=False))
+    out.update(_sapiens2_angle_summary(self.angles, median=False))
     out.update(num_normal_pixels=self.angles.count, num_images=self.num_images, num_skipped=self.num_skipped)
     return out
 

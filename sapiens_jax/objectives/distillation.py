@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sapiens_jax import losses
 from sapiens_jax.models import layers
 
 # DINOv2 configs/ssl_default_config.yaml, dino.head_* (ibot.head_* are the same; §2.4).
@@ -35,11 +36,6 @@ TEACHER_TEMPERATURE_START = 0.04
 TEACHER_TEMPERATURE_END = 0.07
 MOMENTUM_START = 0.992  # 0.994 in DINOv2 configs/train/vitl14.yaml and vitg14.yaml
 MOMENTUM_END = 1.0
-
-
-def _unit(x, eps):
-  """F.normalize(dim=-1, eps): x / max(|x|, eps), with a finite gradient at x = 0."""
-  return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps ** 2))
 
 
 def _psum(x, axis_name):
@@ -109,7 +105,7 @@ class DinoHead(nn.Module):
                    bias_init=layers.partitioned(nn.initializers.zeros, axes[1:]))(x)
       if not last:
         x = nn.gelu(x, approximate=False)  # torch nn.GELU(): the erf form
-    x = _unit(x.astype(jnp.float32), BOTTLENECK_EPS)
+    x = losses.unit(x.astype(jnp.float32), BOTTLENECK_EPS)
     return Prototypes(self.num_prototypes, self.learn_norm, self.dtype, name="last_layer")(x)
 
 
@@ -234,7 +230,7 @@ def koleo_loss(features, eps=KOLEO_EPS):
   backbone CLS of each global crop separately, per GPU, and sums the two (x 0.1): call it once per crop, on the
   rows it should compare (under jit on a sharded batch, the whole global batch).
   """
-  x = _unit(jnp.asarray(features, jnp.float32), eps)
+  x = losses.unit(jnp.asarray(features, jnp.float32), eps)
   n = x.shape[0]
   dots = jnp.dot(x, x.T, precision=jax.lax.Precision.HIGHEST)
   dots = jnp.where(jnp.eye(n, dtype=bool), -1.0, dots)  # DINOv2 fills the diagonal with -1

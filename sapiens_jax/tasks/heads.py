@@ -132,12 +132,16 @@ def mmseg_head(num_deconvs, num_convs, out_channels, channels, dtype):
                    MMSEG_DROPOUT, MMSEG_INIT_STD, MMSEG_INIT_STD, dtype)
 
 
-# PyTorch names: `deconv_layers_{i}` / `conv_layers_{i}` (i = the torch Sequential index 0, 3, ...)
-# and the final 1x1 conv, named as in torch (`final_layer` for mmpose, `conv_seg` for mmseg).
-# Deconv kernels are Flax transpose_kernel (4, 4, out, in) and torch (in, out, 4, 4): the same
-# transpose as a conv, so both use the "conv" layout. Deconvs have no bias.
-_STAGE = re.compile(r"(deconv_layers|conv_layers)_(\d+)")
-FINAL_LAYERS = ("final_layer", "conv_seg")
+# PyTorch names: our layer names are the torch Sequential paths with '.' -> '_' (`deconv_layers_3` is
+# `deconv_layers.3`; Sapiens2's `upsample_blocks_2_0` is `upsample_blocks.2.0`), and the final 1x1 conv
+# is named as in torch (`final_layer` for mmpose, `conv_seg` for mmseg, `conv_<task>` for Sapiens2).
+# Kernels: 4-D conv and deconv kernels take the "conv" layout (a Flax transpose_kernel deconv kernel
+# (4, 4, out, in) and torch's (in, out, 4, 4) are the same transpose as a conv's), 2-D Dense kernels
+# "linear"; norm scales are torch's `.weight`. Deconvs have no bias.
+_STAGE = re.compile(r"(deconv_layers|conv_layers|input_conv|upsample_blocks|scale_conv_layers|scale_final_layer)"
+                    r"((?:_\d+)+)")
+_FINAL = re.compile(r"final_layer|conv_[a-z]+")
+_PARAMS = (("kernel", "weight"), ("bias", "bias"), ("scale", "weight"))
 
 
 def _torch_entries(head):
@@ -146,15 +150,17 @@ def _torch_entries(head):
   entries = []
   for name in sorted(head):
     stage = _STAGE.fullmatch(name)
-    if not stage and name not in FINAL_LAYERS:
+    if not stage and not _FINAL.fullmatch(name):
       continue
-    theirs = f"{stage.group(1)}.{stage.group(2)}" if stage else name
-    entries.append(((name, "kernel"), f"{theirs}.weight", "conv"))
-    if not name.startswith("deconv_layers"):
-      entries.append(((name, "bias"), f"{theirs}.bias", "same"))
+    theirs = stage.group(1) + stage.group(2).replace("_", ".") if stage else name
+    for ours, torch_param in _PARAMS:
+      if ours in head[name]:
+        layout = ("conv" if head[name][ours].ndim == 4 else "linear") if ours == "kernel" else "same"
+        entries.append(((name, ours), f"{theirs}.{torch_param}", layout))
   return entries
 
 
 def torch_part(prefix):
-  """params["head"] under `prefix`: mmpose's "head." or mmseg's "decode_head."."""
+  """params["head"] of any head (v1's and Sapiens2's) under `prefix`: mmpose's "head.", mmseg's and
+  Sapiens2's "decode_head."."""
   return torch_names.Part("head", prefix, _torch_entries)

@@ -16,14 +16,12 @@ Parameter names are upstream's `decode_head.*` keys with '.' -> '_' (`upsample_b
 Parameters are float32, the math runs in `dtype`, norms in float32.
 """
 import math
-import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sapiens_jax import torch_names
 from sapiens_jax.models import layers
 from sapiens_jax.tasks import heads
 
@@ -242,32 +240,6 @@ def head(task, size, dtype=jnp.float32):
   return HEADS[task](size, dtype=dtype)
 
 
-# Our layer names are upstream's Sequential paths with '.' -> '_': `upsample_blocks_2_0` is
-# `upsample_blocks.2.0`. Kernels: 4-D conv / deconv kernels take the "conv" layout (a Flax deconv kernel
-# (4, 4, out, in) and torch's (in, out, 4, 4) are the same transpose), 2-D Dense kernels "linear".
-_STAGE = re.compile(r"(deconv_layers|conv_layers|input_conv|upsample_blocks|scale_conv_layers|scale_final_layer)"
-                    r"((?:_\d+)+)")
-_PARAMS = {"kernel": "weight", "bias": "bias", "scale": "weight"}
-
-
-def _torch_entries(head_params):
-  """Entries of the named head layers; any other name gets none (so it is reported as unmapped)."""
-  entries = []
-  for name in sorted(head_params):
-    stage = _STAGE.fullmatch(name)
-    if not stage and name not in FINAL_LAYERS.values():
-      continue
-    theirs = stage.group(1) + stage.group(2).replace("_", ".") if stage else name
-    for param in sorted(head_params[name]):
-      if param not in _PARAMS:
-        continue
-      layout = "same"
-      if param == "kernel":
-        layout = "conv" if head_params[name][param].ndim == 4 else "linear"
-      entries.append(((name, param), f"{theirs}.{_PARAMS[param]}", layout))
-  return entries
-
-
 def torch_part(prefix=TORCH_PREFIX):
-  """params["head"] of any head here (DenseHead included) under `prefix` (upstream: "decode_head.")."""
-  return torch_names.Part("head", prefix, _torch_entries)
+  """params["head"] of any head here under `prefix` (upstream: "decode_head."): heads.torch_part's names."""
+  return heads.torch_part(prefix)
