@@ -90,17 +90,21 @@ def _masked(pred, gt, valid):
 
 
 def align_scale_shift(pred, gt, valid):
-  """Least-squares (s, t) minimising sum over valid of (s * pred + t - gt)^2.
+  """Least-squares (s, t) with s >= 0 minimising sum over valid of (s * pred + t - gt)^2.
 
-  Closed form: s = cov(pred, gt) / var(pred), t = mean(gt) - s * mean(pred).
-  A constant prediction has no defined scale; then s = 0 and t = mean(gt).
+  Closed form: s = max(cov(pred, gt), 0) / var(pred), t = mean(gt) - s * mean(pred). The scale may
+  stretch a relative depth map but not turn it upside down: a map that puts the far hand in front
+  is wrong, and an unconstrained fit would score it as right (and give any fixed map, a ramp, the
+  right slope sign of every image for free). A constant prediction, or one that correlates
+  negatively with gt, gets s = 0 and t = mean(gt).
   """
   p, g = _masked(pred, gt, valid)
   if not p.size:
     raise ValueError("align_scale_shift needs at least one valid pixel")
   p_mean, g_mean = p.mean(), g.mean()
   p_var = np.mean((p - p_mean) ** 2)
-  scale = np.mean((p - p_mean) * (g - g_mean)) / p_var if p_var > 0 else 0.0
+  covariance = np.mean((p - p_mean) * (g - g_mean))
+  scale = max(covariance, 0.0) / p_var if p_var > 0 else 0.0
   return float(scale), float(g_mean - scale * p_mean)
 
 

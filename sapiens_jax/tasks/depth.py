@@ -1,6 +1,6 @@
 """Relative depth (reference §6): mmseg's VitDepthHead to one unbounded channel at full resolution,
 the scale-invariant log loss on person-normalised targets, RMSE / AbsRel / delta1 after per-image
-least-squares scale-and-shift alignment, inferno pictures."""
+least-squares scale-and-shift alignment (scale >= 0), inferno pictures."""
 import functools
 
 import jax
@@ -67,12 +67,14 @@ class Evaluator(dense.MaskedEvaluator):
     super().__init__(TARGET, dense_transforms.depth_foreground, metrics.DepthMetrics())
 
 
-RAMP_ANGLES = 36  # directions tried for the best fixed ramp, every 5 degrees over a half-turn
+RAMP_ANGLES = 72  # directions tried for the best fixed ramp, every 5 degrees over a full turn
+RAMPS = {"down": 0.0, "right": 90.0, "up": 180.0, "left": 270.0}
 
 
 def ramp(shape, degrees):
-  """(H, W) cos(a) * row + sin(a) * column: 0 degrees is the vertical ramp (row index), 90 the
-  horizontal one (column index)."""
+  """(H, W) cos(a) * row + sin(a) * column: 0 degrees rises down the image (row index), 90 to the
+  right (column index), 180 up, 270 to the left. The metric's scale is >= 0, so a ramp and its
+  reverse are different predictions."""
   rows, columns = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
   angle = np.radians(degrees)
   return (np.cos(angle) * rows + np.sin(angle) * columns).astype(np.float32)
@@ -83,10 +85,11 @@ def baselines(config, train_batches):
   un-augmented examples (`train_batches()`), for the evaluator's per-image scale-and-shift
   alignment: a constant; the mean aligned depth map (each training target standardised over its
   person, averaged per pixel over the images where the pixel is on the person; 0 elsewhere); the
-  vertical and horizontal ramps; and the fixed ramp direction that scores best on the training split."""
+  ramps rising down, up, right and left; and the fixed ramp direction that scores best on the
+  training split."""
   del config
   total = count = 0.0
-  directions = np.arange(RAMP_ANGLES) * 180.0 / RAMP_ANGLES
+  directions = np.arange(RAMP_ANGLES) * 360.0 / RAMP_ANGLES
   scores, shape = None, None
   for batch in train_batches():
     targets = batch[TARGET][batch["valid"]]
@@ -108,7 +111,7 @@ def baselines(config, train_batches):
   best = directions[int(np.argmin([s.result()["rmse"] for s in scores]))]
   fixed = lambda values: lambda b: np.broadcast_to(values, b[TARGET].shape)
   return {"constant": fixed(np.zeros(shape, np.float32)), "mean_aligned_map": fixed(mean_map),
-          "vertical_ramp": fixed(ramp(shape, 0.0)), "horizontal_ramp": fixed(ramp(shape, 90.0)),
+          **{f"ramp_{name}": fixed(ramp(shape, degrees)) for name, degrees in RAMPS.items()},
           f"best_ramp_{best:g}deg": fixed(ramp(shape, best))}
 
 

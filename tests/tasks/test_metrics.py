@@ -81,6 +81,17 @@ def test_align_scale_shift_recovers_exact_parameters():
   assert result["rmse_raw"] > 0.1
 
 
+def test_alignment_never_turns_a_depth_map_upside_down():
+  """A map that orders the pixels backwards gets scale 0: it scores as the mean of gt, no better."""
+  rng = np.random.default_rng(2)
+  gt = rng.random((4, 5))
+  valid = np.ones(gt.shape, bool)
+  reversed_pred = 3.0 - 2.0 * gt
+  assert metrics.align_scale_shift(reversed_pred, gt, valid) == (0.0, pytest.approx(gt.mean()))
+  assert metrics.depth_metrics(reversed_pred, gt, valid)["rmse"] == pytest.approx(gt.std())
+  assert metrics.depth_metrics(-reversed_pred, gt, valid)["rmse"] == pytest.approx(0, abs=1e-9)
+
+
 def test_depth_metrics_by_hand():
   gt = np.array([[1.0, 1.0, 1.0, 1.0, 0.0, 5.0]])
   pred = np.array([[1.2, 1.3, 0.7, -1.0, 0.5, 0.0]])
