@@ -8,6 +8,7 @@ shared sapiens_v1.md §4-§7).
 """
 import copy
 import dataclasses
+from typing import NamedTuple
 
 import ml_collections
 
@@ -34,6 +35,7 @@ class Dataset:
   lr: float  # peak learning rate
   lr_base_batch: int  # the lr is lr * batch / lr_base_batch; 0 = lr as given
   batch_size: int  # global
+  recipe: str = "sapiens"  # whose head, loss and schedule: "sapiens" (v1, §4-§7) | "sapiens2" (sapiens2.md §3-§4)
 
 
 DATASETS = {
@@ -47,7 +49,42 @@ DATASETS = {
                                    batch_size=16),
     "render_people_normal": Dataset(task="normal", labels="", patch_padding=2, lr=5e-4, lr_base_batch=0,
                                     batch_size=16),
+    # Sapiens2 (sapiens2.md §3-§4): lr, batch and schedule per size come from SAPIENS2_RECIPES.
+    **{f"sapiens2_{task}": Dataset(task=task, labels=labels, patch_padding=0, lr=5e-4, lr_base_batch=0,
+                                   batch_size=64, recipe="sapiens2")
+       for task, labels in (("seg", "seg29"), ("normal", ""), ("pointmap", ""), ("albedo", ""),
+                            ("matting", ""), ("pose", "goliath308"))},
 }
+
+
+class Sapiens2Recipe(NamedTuple):
+  """One cell of sapiens2.md §4's table: peak lr, iterations, gradient clip, batch per GPU (x8 GPUs)."""
+  lr: float
+  steps: int
+  clip: float
+  batch_per_gpu: int
+
+
+SAPIENS2_LAYER_DECAY = {"sapiens2_0.4b": 0.8, "sapiens2_0.8b": 0.85, "sapiens2_1b": 0.9, "sapiens2_5b": 0.94}
+SAPIENS2_GPUS = 8
+SAPIENS2_WARMUP = 500  # LinearLR from x1e-3, then linear to 0
+_R = Sapiens2Recipe
+SAPIENS2_RECIPES = {  # task -> size -> recipe (§4)
+    "seg": {"sapiens2_0.4b": _R(5e-4, 20_000, 2, 12), "sapiens2_0.8b": _R(5e-4, 30_000, 4, 5),
+            "sapiens2_1b": _R(5e-4, 20_000, 4, 8), "sapiens2_5b": _R(5e-4, 50_000, 4, 2)},
+    "normal": {"sapiens2_0.4b": _R(5e-4, 20_000, 2, 20), "sapiens2_0.8b": _R(5e-4, 10_000, 4, 12),
+               "sapiens2_1b": _R(5e-4, 40_000, 4, 7), "sapiens2_5b": _R(1e-4, 40_000, 4, 3)},
+    "pointmap": {"sapiens2_0.4b": _R(5e-4, 20_000, 2, 8), "sapiens2_0.8b": _R(5e-4, 20_000, 2, 6),
+                 "sapiens2_1b": _R(5e-4, 40_000, 4, 3), "sapiens2_5b": _R(1e-4, 40_000, 4, 1)},
+    "albedo": {"sapiens2_0.4b": _R(5e-4, 20_000, 2, 20), "sapiens2_0.8b": _R(5e-4, 20_000, 4, 12),
+               "sapiens2_1b": _R(5e-4, 40_000, 4, 7), "sapiens2_5b": _R(5e-4, 40_000, 4, 3)},
+    "pose": {"sapiens2_0.4b": _R(5e-4, 10_000, 2, 6), "sapiens2_0.8b": _R(5e-4, 10_000, 4, 12),
+             "sapiens2_1b": _R(5e-4, 20_000, 4, 7), "sapiens2_5b": _R(1e-4, 20_000, 4, 2)},
+}
+# Matting has no published recipe (only its 1b checkpoint, through transformers): albedo's, an
+# assumption of ours, as its head is the normal/albedo upsampler.
+SAPIENS2_RECIPES["matting"] = SAPIENS2_RECIPES["albedo"]
+del _R
 
 
 def _run(objective, size, batch_size, total_steps, image_size):
@@ -162,8 +199,27 @@ def finetune(dataset, size):
   c.data.scale_range = (0.2, 2.0)  # dense tasks' random resize; the reference's, for 1024x768
   c.eval_batch_size = c.batch_size
   c.best_metric = ""             # the task sets it; its direction is in the task's METRICS
+  c.recipe = d.recipe            # whose head, loss and targets the task uses (the dataset row's)
+  if d.recipe == "sapiens2":
+    _sapiens2_recipe(c, d.task, size)
   tasks.get(d.task).configure(c, dataset, size)
   return c
+
+
+def _sapiens2_recipe(c, task, size):
+  """sapiens2.md §4 for `task` at `size`: AdamW (0.9, 0.999), wd 0.1, layer decay by size, 500
+  warm-up steps from x1e-3 then linear to 0, the table's lr, steps, clip and batch (8 GPUs), bf16
+  compute, the whole backbone rematerialised. The CPU test sizes take 0.4b's row and keep float32."""
+  recipe = SAPIENS2_RECIPES[task].get(size, SAPIENS2_RECIPES[task]["sapiens2_0.4b"])
+  c.optim.base_lr = recipe.lr
+  c.optim.grad_clip_norm = float(recipe.clip)
+  c.optim.layer_decay = SAPIENS2_LAYER_DECAY.get(size, 0.8)
+  c.optim.warmup_steps = SAPIENS2_WARMUP
+  c.total_steps = recipe.steps
+  c.batch_size = c.eval_batch_size = recipe.batch_per_gpu * SAPIENS2_GPUS
+  if size in SAPIENS2_LAYER_DECAY:
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
 
 
 def upgrade(saved):
@@ -171,8 +227,11 @@ def upgrade(saved):
   tasks became separate modules (2026-11), `task` "mae" was the objective, `model.family` did not
   exist, `heatmap_sigma` was top-level and `data.source` named the dataset; before attention had a
   choice, `model.attention` did not exist (it then meant "auto"); before Sapiens2, `model.family`
-  named the family that the size now names, and `model.rope_dtype` did not exist."""
+  named the family that the size now names, and `model.rope_dtype` did not exist; before Sapiens2
+  tasks, `recipe` did not exist (it was "sapiens")."""
   saved = copy.deepcopy(saved)
+  if saved.get("objective", "finetune") == "finetune" and saved.get("task", "mae") != "mae":
+    saved.setdefault("recipe", "sapiens")  # before Sapiens2 tasks every recipe was v1's
   saved["model"].setdefault("attention", "auto")
   saved["model"].setdefault("rope_dtype", "bfloat16")
   saved["model"].pop("family", None)

@@ -29,6 +29,7 @@ from sapiens_jax import checkpoint
 from sapiens_jax import default_config
 from sapiens_jax import models
 from sapiens_jax import objectives
+from sapiens_jax import tasks
 from sapiens_jax import torch_names
 
 TORCH_EXTENSIONS = (".pth", ".safetensors")
@@ -92,6 +93,58 @@ def backbone_from_file(path, image_size):
   params = torch_names.from_torch(state_dict, abstract, parts)
   logging.info("%s: %s backbone %s for %s images", path, models.family_name(config.model), size, image_size)
   return config, jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, abstract)
+
+
+def task_from_file(path, image_size):
+  """(config, params) of a released task checkpoint (backbone and head), or None when the file holds
+  no task head. The recipe is the fine-tuning dataset (default_config.DATASETS) whose head, for the
+  backbone's size, has exactly the file's head tensors (names and shapes): that tells the task,
+  the reference's head (Sapiens or Sapiens2) and the labels (28 or 20 parts, 17, 133 or 308
+  keypoints). Loaded strictly: every tensor of the model from the file."""
+  state_dict = read_weights(path)
+  heads = {k: v.shape for k, v in state_dict.items() if k.startswith(("head.", "decode_head."))}
+  size = models.size_of(state_dict, BACKBONE_PREFIX)
+  if not heads or size is None:
+    return None
+  features = None
+  for dataset in default_config.DATASETS:
+    config = default_config.finetune(dataset, size)
+    config.image_size = tuple(int(v) for v in image_size)
+    features = features or _feature_map(config)
+    if _head_shapes(config, features) == heads:
+      break
+  else:
+    sample = ", ".join(f"{k} {tuple(v)}" for k, v in sorted(heads.items())[:LISTED])
+    raise ValueError(f"{path!r}: its head ({sample} ...) is none of the fine-tuning recipes' heads for a "
+                     f"{size} backbone ({', '.join(default_config.DATASETS)})")
+  config.model.dtype = "float32"  # prediction on whatever device; bfloat16 is a training choice
+  objective = objectives.get(config)
+  model = objective.build_model(config)
+  abstract = nn.unbox(jax.eval_shape(lambda: objective.init_params(model, config, jax.random.key(0))))
+  params = _fit(state_dict, None, abstract, config, path)
+  logging.info("%s: %s %s (%s) for %s images", path, config.data.dataset, config.task, size, image_size)
+  return config, params
+
+
+def _feature_map(config):
+  """The abstract (1, h, w, C) feature map the encoder of `config` gives a head."""
+  encoder = objectives.get(config).encoder(config)
+  images = jax.ShapeDtypeStruct((1, *config.image_size, 3), jnp.float32)
+  tokens = jax.eval_shape(lambda x: encoder.init_with_output(jax.random.key(0), x)[0], images)
+  h, w = models.family(config.model).grid(config.model, config.image_size)
+  return jax.ShapeDtypeStruct((1, h, w, tokens.shape[-1]), jnp.float32)
+
+
+def _head_shapes(config, features):
+  """{PyTorch key: shape} of the head `config` builds, on the backbone's `features`."""
+  head = tasks.get(config.task).make_head(config)
+  try:
+    boxed = jax.eval_shape(lambda x: head.init(jax.random.key(0), x), features)["params"]
+  except ValueError:  # e.g. a Sapiens2 head at a size with no upstream widths
+    return {}
+  parts = objectives.get(config).torch_parts(config)
+  return {k: v.shape for k, v in torch_names.to_torch(torch_names.stand_ins({"head": nn.unbox(boxed)}),
+                                                      [p for p in parts if p.group == "head"]).items()}
 
 
 def _backbone_prefix(state_dict):

@@ -2,12 +2,14 @@ r"""Run a trained checkpoint on your own photos.
 
   python -m sapiens_jax.predict --workdir=DIR --input=IMAGE_OR_DIR --output=DIR \
       [--boxes=BOXES.json] [--step=N] [--task=features] [--batch_size=8]
-  python -m sapiens_jax.predict --weights=FILE_OR_DIR --task=features --input=IMAGE_OR_DIR \
-      --output=DIR [--image_size=1024,768]
+  python -m sapiens_jax.predict --weights=FILE_OR_DIR --input=IMAGE_OR_DIR --output=DIR \
+      [--task=features] [--image_size=1024,768]
 
---weights reads a released PyTorch file (Sapiens or Sapiens2, pretrain or task checkpoint: its
-backbone) or a transformers-style directory, with no run of ours: the family and size are read
-from the tensors, the image is stretched to --image_size and normalised as upstream does.
+--weights reads a released PyTorch file (Sapiens or Sapiens2, pretrain or task checkpoint) or a
+transformers-style directory, with no run of ours: the family and size are read from the tensors,
+and for a task checkpoint the task, its reference (Sapiens or Sapiens2) and its labels from the
+head's tensors (`init_from.task_from_file`); a pretrain file, or --task=features, gives the
+backbone's features. Images are prepared as upstream's test pipelines do at --image_size.
 
 Writes, per image STEM, what the run's task writes (shared sapiens_v1.md section 8; each task
 module's `write_prediction` says which files):
@@ -18,6 +20,7 @@ module's `write_prediction` says which files):
   seg:      STEM_seg.png (uint8 class ids) and STEM_seg_overlay.png (palette over the image).
   depth:    STEM_depth.npy (float32 (H, W) relative depth) and STEM_depth.png (inferno colours).
   normal:   STEM_normal.npy (float32 (H, W, 3) unit normals) and STEM_normal.png.
+  pointmap, albedo, matting (Sapiens2): see their task modules.
   features: STEM_features.npy, float32 (C, H/16, W/16) final-norm patch features (H/64 with
             Sapiens2's 4K tokenizer); works on any run, pretraining included (prefix tokens, the
             cls token and registers, are attended to, then dropped, as the original).
@@ -55,16 +58,20 @@ def load_run(workdir, step=None):
   return config, jax.device_put(params)
 
 
-def load_weights(path, image_size):
-  """(config, params on the default device) of the backbone in a PyTorch file or directory, for
-  images of `image_size` ("H", "W" strings or ints)."""
+def load_weights(path, image_size, task=None):
+  """(config, params on the default device) of a PyTorch file or directory for images of
+  `image_size` ("H", "W" strings or ints): its task model when it holds a task head and `task` is
+  not FEATURES, else its backbone."""
   try:
     size = tuple(int(v) for v in image_size)
   except ValueError:
     size = ()
   if len(size) != 2 or min(size) <= 0:
     raise ValueError(f"--image_size={','.join(map(str, image_size))}: expected H,W, two positive integers")
-  config, params = init_from.backbone_from_file(path, size)
+  found = None if task == FEATURES else init_from.task_from_file(path, size)
+  if found is None and task not in (None, FEATURES):
+    raise ValueError(f"--weights={path!r} holds no task head: it predicts --task={FEATURES}, not {task!r}")
+  config, params = found or init_from.backbone_from_file(path, size)
   return config, jax.device_put(params)
 
 
@@ -261,12 +268,10 @@ def cli():
       raise app.UsageError(f"--batch_size must be positive, got {batch_size.value}")
     if (workdir.value is None) == (weights.value is None):
       raise app.UsageError("give one of --workdir (a run of ours) and --weights (a PyTorch file or directory)")
-    if weights.value and task.value not in (None, FEATURES):
-      raise app.UsageError(f"--weights predicts --task=features (the backbone's), not {task.value!r}")
     person_boxes = load_boxes(boxes.value) if boxes.value else None  # fail before the slow load
     logging.set_verbosity(logging.ERROR)  # Orbax logs every read, and its read-only mode warns
     if weights.value:
-      config, params = load_weights(weights.value, image_size.value)
+      config, params = load_weights(weights.value, image_size.value, task.value)
     else:
       config, params = load_run(workdir.value, step.value)
     logging.set_verbosity(logging.INFO)  # the progress line

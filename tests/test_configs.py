@@ -81,11 +81,28 @@ def test_finetune_configs_follow_the_reference(name, size):
     assert c.optim.schedule == "linear" and c.optim.warmup_steps == 400
 
 
-@pytest.mark.parametrize("task", ["pose", "seg", "depth", "normal"])
+# config -> (task, outputs) of the Sapiens2 recipes (sapiens2.md §3); their numbers: tests/tasks/test_sapiens2_recipes.py
+SAPIENS2_FINETUNE = {"sapiens2_seg": ("seg", 29), "sapiens2_normal": ("normal", 3), "sapiens2_pointmap": ("pointmap", 3),
+                     "sapiens2_albedo": ("albedo", 3), "sapiens2_matting": ("matting", 4), "sapiens2_pose": ("pose", 308)}
+
+
+@pytest.mark.parametrize("name", sorted(SAPIENS2_FINETUNE))
+@pytest.mark.parametrize("size", ["0.4b", "0.8b", "1b", "5b"])
+def test_sapiens2_finetune_configs_build_the_released_heads(name, size):
+  c = load_with_arg(name, size)
+  task, outputs = SAPIENS2_FINETUNE[name]
+  assert (c.objective, c.task, c.recipe, c.model.size) == ("finetune", task, "sapiens2", f"sapiens2_{size}")
+  assert tasks.get(task).make_head(c).out_channels == outputs
+  assert tasks.get(task).METRICS[c.best_metric] in ("min", "max")
+
+
+@pytest.mark.parametrize("task", ["pose", "seg", "depth", "normal", "albedo", "matting", "pointmap",
+                                  "sapiens2_seg", "sapiens2_normal", "sapiens2_pose"])
 def test_synthetic_configs_are_small(task):
   c = load_with_arg("synthetic", task)
-  assert c.task == task and c.data.source == "synthetic"
-  assert c.model.size in ("small", "tiny") and max(c.image_size) <= 256
+  assert task.endswith(c.task) and c.data.source == "synthetic"
+  assert c.model.size in ("small", "tiny", "sapiens2_small") and max(c.image_size) <= 256
+  assert c.recipe == ("sapiens2" if c.model.size.startswith("sapiens2") else "sapiens")
 
 
 def keys(config, skip=()):
@@ -101,7 +118,7 @@ def keys(config, skip=()):
 def test_every_finetune_config_has_the_same_keys_and_each_task_its_own_loss_keys():
   """No generic code reads a key with .get: what one fine-tuning config has, all have; the task's
   own settings sit in `loss`, the same for every config of that task."""
-  configs = {name: load_with_arg(name, "1b") for name in FINETUNE}
+  configs = {name: load_with_arg(name, "1b") for name in [*FINETUNE, *SAPIENS2_FINETUNE]}
   configs.update({f"synthetic_{t}": load_with_arg("synthetic", t) for t in ("pose", "seg", "depth", "normal")})
   generic = {name: keys(c, skip=("loss",)) for name, c in configs.items()}
   assert len({frozenset(k) for k in generic.values()}) == 1, generic

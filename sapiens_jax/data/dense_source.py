@@ -6,6 +6,7 @@ A dataset folder holds `images/NAME.{jpg,jpeg,png}` and, per image name stem, on
   masks/NAME.png     0 background, > 0 person                            -> target "mask"
   depths/NAME.npy    float (H, W), any units                             -> a float map
   normals/NAME.npy   float (H, W, 3)                                     -> a float map
+  albedos/NAME.png   8-bit RGB (a LabelFile with channels=3; 1 for grey)  -> a float map in [0, 1]
 `source[i]` only names the files (cheap, picklable); `source.load(element)` reads and checks them
 and returns `(image, targets)` ready for the `sapiens_jax.data.dense_transforms` recipes.
 """
@@ -24,12 +25,14 @@ from sapiens_jax.data.transforms import MAX_IMAGE_PIXELS
 _MAX_LISTED = 5
 _CLASS_MODES = ("L", "P")
 _MASK_MODES = ("1", "L", "P", "RGB")
+_PICTURE_MODES = {1: "L", 3: "RGB"}  # LabelFile.channels -> the 8-bit PNG mode of a picture label
 
 
 class LabelFile(NamedTuple):
   """One label file per image: `folder`/NAME`extension`, read as the target `name`.
 
-  A ".png" is class ids ("label") or, for the name "mask", a person mask; a ".npy" is a float map
+  A ".png" is class ids ("label") or, for the name "mask", a person mask, or with `channels` (3: RGB,
+  1: grey) an 8-bit picture read as a float map in [0, 1] (albedo, alpha); a ".npy" is a float map
   of (H, W) or, with `channels`, (H, W, channels). Where a dataset has a mask, float-map pixels
   that are NaN/inf (or <= 0 with `positive`) are taken off it.
   """
@@ -139,7 +142,9 @@ def decode_sample(layout, image_data, image_name, files):
   targets, valid, value_names = {}, np.ones(size, bool), []
   for file in layout:
     data, name = files[file.name]
-    if file.extension == ".png":
+    if file.extension == ".png" and file.channels:
+      values = _read_png(data, name, (_PICTURE_MODES[file.channels],)).astype(np.float32) / 255
+    elif file.extension == ".png":
       values = _read_png(data, name, _MASK_MODES if file.name == "mask" else _CLASS_MODES)
       if values.ndim == 3:
         values = values.max(axis=-1)
@@ -172,9 +177,8 @@ def _read_png(file, path, modes):
         raise DataError(
             f"{path!r}: {width}x{height} pixels exceeds MAX_IMAGE_PIXELS")
       if png.mode not in modes:
-        raise DataError(
-            f"{path!r}: expected a single-channel 8-bit PNG (mode one of"
-            f" {modes}), got mode {png.mode!r}")
+        kind = "an 8-bit RGB" if modes == ("RGB",) else "a single-channel 8-bit"
+        raise DataError(f"{path!r}: expected {kind} PNG (mode one of {modes}), got mode {png.mode!r}")
       return np.array(png, dtype=np.uint8)
   except DataError:
     raise

@@ -158,9 +158,12 @@ def data_root(config, split, workdir=""):
 def ensure_synthetic_data(config, workdir):
   """Renders the synthetic-humans train and eval splits at config.image_size, once.
 
-  A split counts as written when its manifest exists (the manifest is written last).
+  A split counts as written when its manifest exists (the manifest is written last). The Sapiens2
+  labels (albedo, matting) are rendered when the task's layout reads one of their folders.
   """
   h, w = config.image_size
+  layout = getattr(tasks.get(config.task), "LAYOUT", ())
+  sapiens2 = any(file.folder in synthetic_humans.SAPIENS2_SUBDIRS for file in layout)
   num_eval = config.data.num_eval or max(config.data.num_generated // SYNTHETIC_EVAL_FRACTION, 1)
   for split, num, seed in (("train", config.data.num_generated, config.seed),
                            ("eval", num_eval, config.seed + 1_000_003)):
@@ -170,12 +173,16 @@ def ensure_synthetic_data(config, workdir):
     if not os.path.exists(manifest_path):
       logging.info("writing %d synthetic %dx%d humans (%s) to %s", num, h, w,
                    config.data.framing, root)
-      synthetic_humans.write_dataset(root, num, h, w, seed=seed, framing=config.data.framing)
+      synthetic_humans.write_dataset(root, num, h, w, seed=seed, framing=config.data.framing,
+                                     sapiens2=sapiens2)
       continue
     with open(manifest_path) as f:
       manifest = json.load(f)
     have = {"framing": "scene", **manifest}  # manifests written before framing existed
     differs = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    missing = sorted(set(synthetic_humans.SAPIENS2_SUBDIRS) - set(have.get("folders", ()))) if sapiens2 else []
+    if missing:
+      differs["folders"] = f"{missing} missing (rendered without the Sapiens2 labels)"
     if differs:
       raise ValueError(f"{root} holds synthetic humans made with other settings "
                        f"(manifest vs config: {differs}); delete the folder or set data.path")

@@ -23,6 +23,7 @@ from sapiens_jax.data import pipeline
 from sapiens_jax.data import transforms
 from sapiens_jax.models import layers
 from sapiens_jax.tasks import heads
+from sapiens_jax.tasks import heads2
 
 PICTURES = "predictions"
 
@@ -32,10 +33,12 @@ class TaskModel(nn.Module):
   head: nn.Module
 
   def __call__(self, images, train=False):
-    """(B, H, W, 3) normalised images -> float32 NHWC head output (size set by the head)."""
+    """(B, H, W, 3) normalised images -> the head's float32 NHWC output (size set by the head; a
+    tuple of arrays for a head with two outputs, pointmap's map and scale)."""
     tokens = self.encoder(images)[:, self.encoder.num_prefix_tokens:]
     features = layers.tokens_to_map(tokens, self.encoder.grid)
-    return self.head(features, deterministic=not train).astype(jnp.float32)
+    outputs = self.head(features, deterministic=not train)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
 
 
 def check_config(config):
@@ -161,7 +164,8 @@ class Evaluation:
       return results, None
     count = min(self.config.num_viz_images, int(self.viz_batch["valid"].sum()))
     examples = [{k: v[i] for k, v in self.viz_batch.items()} for i in range(count)]
-    panels = [self.task.panel(self.config, example, np.asarray(outputs[i])) for i, example in enumerate(examples)]
+    one = lambda i: jax.tree.map(lambda x: np.asarray(x[i]), outputs)  # pointmap's head gives (map, scale)
+    panels = [self.task.panel(self.config, example, one(i)) for i, example in enumerate(examples)]
     return results, visualize.stack_rows(panels)
 
 
@@ -170,9 +174,11 @@ class Evaluation:
 def torch_parts(config, include_decoder=True):
   """`backbone.*` plus the head under the task's prefix, as the reference's task checkpoints.
 
-  A pretrained file without the head (or with another task's) starts the head fresh."""
+  A pretrained file without the head (or with another task's) starts the head fresh. Every
+  Sapiens2 head is under heads2.TORCH_PREFIX (decode_head., pose's too)."""
   del include_decoder
-  head = heads.torch_part(tasks.get(config.task).TORCH_PREFIX)
+  sapiens2 = config.get("recipe") == "sapiens2"
+  head = heads.torch_part(heads2.TORCH_PREFIX if sapiens2 else tasks.get(config.task).TORCH_PREFIX)
   return [models.family(config.model).torch_part("backbone."),
           head._replace(fresh_if_absent=True, fresh_if_misfit=True)]
 

@@ -1,7 +1,9 @@
 """Fine-tuning tasks. Each task is one module that the generic code (the fine-tuning objective,
 evaluation, prediction, baselines, the data pipeline, conversion, inspection) calls and never
-names; `config.task` picks one from TASKS. To add a task, write its module (docs/extending.md)
-and add it to TASKS, or register it at run time with `TASKS[name] = module`.
+names; `config.task` picks one from TASKS. A task serving both Sapiens and Sapiens2 recipes picks
+its head, loss and evaluator by `config.recipe` (the dataset row's: default_config.DATASETS). To
+add a task, write its module (docs/extending.md) and add it to TASKS, or register it at run time
+with `TASKS[name] = module`.
 
 A task module provides:
   configure(config, dataset, size)    its part of the reference recipe (config.loss, schedule, best_metric)
@@ -16,12 +18,16 @@ A task module provides:
   predict_inputs, predict_outputs, finish, write_prediction   prediction on photos
   RECORDS_FILE (optional)              predict: one JSON of every photo's write_prediction records
 """
+from sapiens_jax.tasks import albedo
 from sapiens_jax.tasks import depth
+from sapiens_jax.tasks import matting
 from sapiens_jax.tasks import normal
+from sapiens_jax.tasks import pointmap
 from sapiens_jax.tasks import pose
 from sapiens_jax.tasks import seg
 
-TASKS = {"pose": pose, "seg": seg, "depth": depth, "normal": normal}
+TASKS = {"pose": pose, "seg": seg, "depth": depth, "normal": normal,  # Sapiens' tasks (Sapiens2 recipes too)
+         "pointmap": pointmap, "albedo": albedo, "matting": matting}  # Sapiens2's
 
 
 def get(name):

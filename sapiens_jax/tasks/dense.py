@@ -13,6 +13,7 @@ from flax import serialization
 from sapiens_jax import visualize
 from sapiens_jax.data import dense_source
 from sapiens_jax.data import record_sources
+from sapiens_jax.data import sapiens2_transforms
 from sapiens_jax.data import sources
 from sapiens_jax.data import transforms
 
@@ -80,6 +81,21 @@ def predict_inputs(config, image, boxes):
   """The whole photo stretched to the network's size, as the reference's demos do (no boxes)."""
   del boxes
   return [transforms.stretch(image, config.image_size)], None
+
+
+def padded_inputs(config, image, boxes):
+  """The whole photo resized to fit the network's size with its aspect kept, then zero-padded
+  around (Sapiens2's test pipeline for normal, pointmap, albedo); the padding is the context."""
+  del boxes
+  padded, _, padding = sapiens2_transforms.resize_pad(image, {}, tuple(config.image_size))
+  return [padded], padding
+
+
+def unpad_map(config, outputs, padding, image):
+  """(h, w, C) outputs of a `padded_inputs` photo -> (H, W, C) at the photo's size, bilinear: first
+  to the network's input size (a head's x16 of a grid that rounded the size down is smaller)."""
+  canvas = resize_map(outputs, *(int(s) for s in config.image_size))
+  return sapiens2_transforms.unpad(canvas, padding, image.shape[:2])
 
 
 class MaskedEvaluator:

@@ -162,7 +162,8 @@ class UpsampleHead(nn.Module):
     return nn.silu(x)
 
   @nn.compact
-  def __call__(self, features):
+  def __call__(self, features, deterministic=True):
+    del deterministic  # no dropout in these heads; the argument is the task model's call
     if features.ndim != 4:
       raise ValueError(f"head input must be an NHWC feature map (B, h, w, C), got shape {features.shape}")
     if self.norm not in NORMS:

@@ -1,5 +1,8 @@
 """Surface normals (reference §7): mmseg's VitNormalHead to raw (x, y, z), cosine + L1 losses on
-unit targets, mean / median angular error and % under 11.25 / 22.5 / 30 degrees, RGB pictures."""
+unit targets, mean / median angular error and % under 11.25 / 22.5 / 30 degrees, RGB pictures.
+The Sapiens2 recipe (`config.recipe`, sapiens2.md §3.2): its pixel-shuffle head, 10 cosine + L1 +
+10 gradient losses, its evaluator's keys (normal_mae, ..., within 5 degrees too), and photos
+resized with their aspect kept and padded."""
 import functools
 
 import jax
@@ -13,18 +16,22 @@ from sapiens_jax.data import dense_source
 from sapiens_jax.data import dense_transforms
 from sapiens_jax.tasks import dense
 from sapiens_jax.tasks import heads
+from sapiens_jax.tasks import heads2
 
 TORCH_PREFIX = "decode_head."  # mmseg's
 TARGET = "normal"  # unit normals on the person, -1000 elsewhere
 LAYOUT = (dense_source.LabelFile("masks", ".png", "mask"),
           dense_source.LabelFile("normals", ".npy", "normal", channels=3))
-METRICS = {"mean_angle": "min", "median_angle": "min", "pct_11.25": "max", "pct_22.5": "max", "pct_30": "max"}
+METRICS = {"mean_angle": "min", "median_angle": "min", "pct_11.25": "max", "pct_22.5": "max", "pct_30": "max",
+           # the Sapiens2 recipe's (metrics.Sapiens2NormalMetrics)
+           "normal_mae": "min", "normal_median_deg": "min", "normal_rmse": "min",
+           **{f"within_{t:g}_deg": "max" for t in metrics.SAPIENS2_NORMAL_THRESHOLDS}}
 UNIT_EPS = 1e-5  # the reference demo's L2 normalisation of predicted normals
 
 
 def configure(config, dataset, size):
   del dataset, size
-  config.best_metric = "mean_angle"
+  config.best_metric = "normal_mae" if config.recipe == "sapiens2" else "mean_angle"
 
 
 def head(channels=768, dtype=jnp.float32):
@@ -33,6 +40,8 @@ def head(channels=768, dtype=jnp.float32):
 
 
 def make_head(config):
+  if config.recipe == "sapiens2":
+    return heads2.normal_head(config.model.size, jnp.dtype(config.model.dtype))
   return head(config.model.head_channels, jnp.dtype(config.model.dtype))
 
 
@@ -41,7 +50,8 @@ def target_spec(config, batch_size):
 
 
 def loss(config, outputs, batch):
-  del config
+  if config.recipe == "sapiens2":
+    return sum(losses.sapiens2_normal_loss(outputs, batch["normal"]).values())
   return losses.normal_loss(outputs, batch["normal"])
 
 
@@ -67,12 +77,15 @@ class Evaluator(dense.MaskedEvaluator):
   """Angular errors in degrees on the person: mean, median and % under 11.25 / 22.5 / 30."""
 
   def __init__(self, config, source):
-    del config, source
-    super().__init__(TARGET, dense_transforms.normal_foreground, metrics.NormalMetrics())
+    del source
+    self.sapiens2 = config.recipe == "sapiens2"
+    accumulator = metrics.Sapiens2NormalMetrics() if self.sapiens2 else metrics.NormalMetrics()
+    super().__init__(TARGET, dense_transforms.normal_foreground, accumulator)
 
   def result(self):
     out = super().result()
-    out["mean_angle"], out["median_angle"] = out.pop("mean"), out.pop("median")
+    if not self.sapiens2:
+      out["mean_angle"], out["median_angle"] = out.pop("mean"), out.pop("median")
     return out
 
 
@@ -101,12 +114,18 @@ def panel(config, example, prediction=None):
   return dense.masked_panel(example, prediction, TARGET, dense_transforms.normal_foreground, draw)
 
 
-predict_inputs = dense.predict_inputs
+def predict_inputs(config, image, boxes):
+  if config.recipe == "sapiens2":
+    return dense.padded_inputs(config, image, boxes)
+  return dense.predict_inputs(config, image, boxes)
+
+
 predict_outputs = dense.raw_outputs  # resized to each photo on the host
 
 
 def finish(config, image, outputs, context):
-  del config, context
+  if config.recipe == "sapiens2":
+    return {"normals": unit(dense.unpad_map(config, outputs[0], context, image))}
   return {"normals": unit(dense.resize_map(outputs[0], *image.shape[:2]))}
 
 

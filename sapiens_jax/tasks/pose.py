@@ -27,6 +27,7 @@ from sapiens_jax.data import pose_transforms
 from sapiens_jax.data import record_sources
 from sapiens_jax.data import transforms
 from sapiens_jax.tasks import heads
+from sapiens_jax.tasks import heads2
 
 TORCH_PREFIX = "head."  # mmpose's
 TARGET = "heatmaps"
@@ -41,16 +42,19 @@ COCO_TRAIN_PERSONS = 149_813  # person instances with keypoints in COCO train201
 
 
 def configure(config, dataset, size):
-  """The reference recipe: 210 epochs of COCO's people, warm-up 500, x0.1 at epochs 170 and 200."""
+  """The reference recipe: 210 epochs of COCO's people, warm-up 500, x0.1 at epochs 170 and 200.
+  Sapiens2's (sapiens2.md §3.5, §4): its schedule from the recipe table, keypoint MSE x10."""
+  config.loss.name = "ohkm" if (dataset, size) in (("goliath", "0.3b"), ("goliath", "1b")) else "mse"
+  config.loss.ohkm_topk = 128
+  config.loss.heatmap_sigma = 6.0  # UDP Gaussian heatmaps at 1/4 of the input size
+  config.best_metric = "AP"
+  if config.recipe == "sapiens2":
+    return
   config.total_steps = 210 * COCO_TRAIN_PERSONS // config.batch_size
   config.optim.warmup_steps = 500
   config.optim.schedule, config.optim.milestones = "multistep", (170 / 210, 200 / 210)
   if (dataset, size) == ("goliath", "1b"):
     config.optim.layer_decay = 0.95
-  config.loss.name = "ohkm" if (dataset, size) in (("goliath", "0.3b"), ("goliath", "1b")) else "mse"
-  config.loss.ohkm_topk = 128
-  config.loss.heatmap_sigma = 6.0  # UDP Gaussian heatmaps at 1/4 of the input size
-  config.best_metric = "AP"
 
 
 def skeleton(config):
@@ -63,6 +67,8 @@ def head(num_keypoints, channels=768, dtype=jnp.float32):
 
 
 def make_head(config):
+  if config.recipe == "sapiens2":
+    return heads2.pose_head(config.model.size, skeleton(config).num_keypoints, jnp.dtype(config.model.dtype))
   return head(skeleton(config).num_keypoints, config.model.head_channels, jnp.dtype(config.model.dtype))
 
 
@@ -79,6 +85,8 @@ def target_spec(config, batch_size):
 
 
 def loss(config, outputs, batch):
+  if config.recipe == "sapiens2":
+    return sum(losses.sapiens2_keypoint_loss(outputs, batch["heatmaps"], batch["target_weight"]).values())
   if config.loss.name == "ohkm":
     return losses.keypoint_ohkm_mse(outputs, batch["heatmaps"], batch["target_weight"], config.loss.ohkm_topk)
   return losses.keypoint_mse(outputs, batch["heatmaps"], batch["target_weight"])

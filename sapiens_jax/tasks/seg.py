@@ -1,5 +1,7 @@
 """Body-part segmentation (reference §5): mmseg's VitHead over 20 / 28 classes, class-weighted
-cross-entropy, mIoU / mAcc / aAcc from one confusion matrix over the split, palette overlays."""
+cross-entropy, mIoU / mAcc / aAcc from one confusion matrix over the split, palette overlays.
+The Sapiens2 recipe (`config.recipe`, sapiens2.md §3.1): its x16 head (29 classes) and class-weighted
+cross-entropy + Dice."""
 import functools
 
 import jax
@@ -14,6 +16,7 @@ from sapiens_jax.data import dense_transforms
 from sapiens_jax.data import meta
 from sapiens_jax.tasks import dense
 from sapiens_jax.tasks import heads
+from sapiens_jax.tasks import heads2
 
 TORCH_PREFIX = "decode_head."  # mmseg's
 TARGET = "label"
@@ -36,6 +39,8 @@ def head(num_classes, channels=768, dtype=jnp.float32):
 
 
 def make_head(config):
+  if config.recipe == "sapiens2":
+    return heads2.seg_head(config.model.size, classes(config).num_classes, jnp.dtype(config.model.dtype))
   return head(classes(config).num_classes, config.model.head_channels, jnp.dtype(config.model.dtype))
 
 
@@ -44,7 +49,10 @@ def target_spec(config, batch_size):
 
 
 def loss(config, outputs, batch):
-  return losses.seg_cross_entropy(outputs, batch["label"], jnp.asarray(classes(config).class_weight))
+  class_weight = jnp.asarray(classes(config).class_weight)
+  if config.recipe == "sapiens2":
+    return sum(losses.sapiens2_seg_loss(outputs, batch["label"], class_weight).values())
+  return losses.seg_cross_entropy(outputs, batch["label"], class_weight)
 
 
 def eval_outputs(forward, images, config):
