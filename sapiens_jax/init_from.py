@@ -137,8 +137,8 @@ def _feature_map(config):
 
 def _head_shapes(config, features):
   """{PyTorch key: shape} of the head `config` builds, on the backbone's `features`."""
-  head = tasks.get(config.task).make_head(config)
   try:
+    head = tasks.get(config.task).make_head(config)
     boxed = jax.eval_shape(lambda x: head.init(jax.random.key(0), x), features)["params"]
   except ValueError:  # e.g. a Sapiens2 head at a size with no upstream widths
     return {}

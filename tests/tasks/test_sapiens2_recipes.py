@@ -81,21 +81,31 @@ def test_sapiens2_normal_evaluator_reports_the_reference_keys(finetune_config, s
       "num_images", "num_skipped"}
 
 
-def test_a_sapiens2_task_checkpoint_predicts_by_its_head_alone(finetune_config, synthetic_root, tmp_path):
-  """A fine-tuned run exported under upstream's names (backbone.*, decode_head.*) is recognised
-  from the file's tensors (task, reference, 29 labels) and predicts what the run predicts."""
-  config = finetune_config("sapiens2_seg")
+@pytest.fixture(scope="module", params=[("sapiens2_seg", "seg29", None), ("seg", "seg28", 768)])
+def exported(request, finetune_config, synthetic_root, tmp_path_factory):
+  """(config, run, weights file) of a 3-step seg run exported under upstream's names: Sapiens2's head
+  with the released 29 classes, or v1's at the released width (768)."""
+  dataset, labels, head_channels = request.param
+  config = finetune_config(dataset)
   config.data.path = synthetic_root
-  config.data.labels = "seg29"  # the released head's classes; the renders use 28 of them
-  run = tmp_path / "run"
-  train.train_and_evaluate(config, str(run))
-  weights = str(tmp_path / "seg.safetensors")
-  export.export(str(run), weights)
+  config.data.labels = labels  # the released head's classes; the renders use 28 of them
+  config.model.head_channels = head_channels or config.model.head_channels
+  config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
+  run = tmp_path_factory.mktemp("exported")
+  train.train_and_evaluate(config, str(run / "run"))
+  export.export(str(run / "run"), str(run / "seg.safetensors"))
+  return config, str(run / "run"), str(run / "seg.safetensors")
+
+
+def test_a_task_checkpoint_predicts_by_its_head_alone(exported, tmp_path):
+  """A fine-tuned run exported under upstream's names (backbone.*, head) is recognised from the
+  file's tensors (task, reference, labels) and predicts what the run predicts."""
+  config, run, weights = exported
   keys = init_from.read_weights(weights)
   assert "decode_head.conv_seg.weight" in keys and any(k.startswith("backbone.") for k in keys)
   loaded, params = predict.load_weights(weights, config.image_size)
-  assert (loaded.task, loaded.recipe, loaded.data.labels) == ("seg", "sapiens2", "seg29")
-  run_config, run_params = predict.load_run(str(run))
+  assert (loaded.task, loaded.recipe, loaded.data.labels) == ("seg", config.recipe, config.data.labels)
+  run_config, run_params = predict.load_run(run)
   image = np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8)  # not the run's 64x48
   ours = predict.predict_image(loaded, params, image)["labels"]
   np.testing.assert_array_equal(ours, predict.predict_image(run_config, run_params, image)["labels"])
@@ -108,21 +118,15 @@ def test_a_sapiens2_task_checkpoint_predicts_by_its_head_alone(finetune_config, 
     predict.load_weights(backbone, config.image_size, "seg")
 
 
-def test_task_checkpoint_with_an_unknown_head_is_named(finetune_config, synthetic_root, tmp_path):
-  config = finetune_config("sapiens2_seg")
-  config.data.path = synthetic_root
-  config.data.labels = "seg29"
-  config.total_steps = 1
-  run = tmp_path / "run"
-  train.train_and_evaluate(config, str(run))
-  weights = tmp_path / "odd.safetensors"
-  export.export(str(run), str(weights))
-  keys = init_from.read_weights(str(weights))
+def test_task_checkpoint_with_an_unknown_head_is_named(exported, tmp_path):
+  config, _, weights = exported
+  keys = init_from.read_weights(weights)
   keys["decode_head.conv_seg.weight"] = keys["decode_head.conv_seg.weight"][:7]
   keys["decode_head.conv_seg.bias"] = keys["decode_head.conv_seg.bias"][:7]
-  save_file({k: np.ascontiguousarray(v) for k, v in keys.items()}, str(weights))
+  odd = str(tmp_path / "odd.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in keys.items()}, odd)
   with pytest.raises(ValueError, match="conv_seg.*none of the fine-tuning recipes"):
-    init_from.task_from_file(str(weights), config.image_size)
+    init_from.task_from_file(odd, config.image_size)
 
 
 def test_sapiens2_torch_prefix_is_decode_head_for_pose_too(finetune_config):
