@@ -143,7 +143,8 @@ def predict_image(config, params, image, boxes=None, task=None, batch_size=8):
 
   pose: keypoints (N, K, 2) image pixels and keypoint_scores (N, K), one row per [x, y, w, h] box
   of `boxes` (default: the whole image); seg: labels (H, W) uint8; depth: depth (H, W);
-  normal: normals (H, W, 3) unit length; features: features (C, h, w).
+  normal: normals (H, W, 3) unit length; pointmap: pointmap (H, W, 3) metric XYZ; albedo: albedo
+  (H, W, 3) in [0, 1]; matting: alpha (H, W) and foreground (H, W, 3) in [0, 1]; features: features (C, h, w).
   """
   task = check_task(config, task)
   boxes = [whole_image_box(image)] if boxes is None else boxes
