@@ -66,12 +66,23 @@ def read_weights(path):
   return models.upstream_names(read_torch_file(path))
 
 
+def model_from_file(path, image_size, backbone_only=False):
+  """(config, params) of a PyTorch file or directory, read once: its task model when it holds a task
+  head (`_task_model`) and not `backbone_only`, else its backbone (`backbone_from_file`)."""
+  state_dict = read_weights(path)
+  found = None if backbone_only else _task_model(state_dict, image_size, path)
+  return found or _backbone(state_dict, image_size, path)
+
+
 def backbone_from_file(path, image_size):
   """(config, {"encoder": params}) of the backbone in a PyTorch file or directory, any family and
   size, its architecture read from the tensors; other parts of the file (heads, MAE neck) are left.
   The config is a pretraining one (a task fine-tune's backbone without cls token: `finetune`
   without a task), for `image_size` (H, W)."""
-  state_dict = read_weights(path)
+  return _backbone(read_weights(path), image_size, path)
+
+
+def _backbone(state_dict, image_size, path):
   prefix = _backbone_prefix(state_dict)
   size = models.size_of(state_dict, prefix)
   if size is None:
@@ -95,13 +106,12 @@ def backbone_from_file(path, image_size):
   return config, jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, abstract)
 
 
-def task_from_file(path, image_size):
-  """(config, params) of a released task checkpoint (backbone and head), or None when the file holds
-  no task head. The recipe is the fine-tuning dataset (default_config.DATASETS) whose head, for the
+def _task_model(state_dict, image_size, path):
+  """(config, params) of a released task checkpoint (backbone and head), or None when `state_dict`
+  holds no task head. The recipe is the fine-tuning dataset (default_config.DATASETS) whose head, for the
   backbone's size, has exactly the file's head tensors (names and shapes): that tells the task,
   the reference's head (Sapiens or Sapiens2) and the labels (28 or 20 parts, 17, 133 or 308
   keypoints). Loaded strictly: every tensor of the model from the file."""
-  state_dict = read_weights(path)
   heads = {k: v.shape for k, v in state_dict.items() if k.startswith(("head.", "decode_head."))}
   size = models.size_of(state_dict, BACKBONE_PREFIX)
   if not heads or size is None:

@@ -8,7 +8,7 @@ r"""Run a trained checkpoint on your own photos.
 --weights reads a released PyTorch file (Sapiens or Sapiens2, pretrain or task checkpoint) or a
 transformers-style directory, with no run of ours: the family and size are read from the tensors,
 and for a task checkpoint the task, its reference (Sapiens or Sapiens2) and its labels from the
-head's tensors (`init_from.task_from_file`); a pretrain file, or --task=features, gives the
+head's tensors (`init_from.model_from_file`); a pretrain file, or --task=features, gives the
 backbone's features. Images are prepared as upstream's test pipelines do at --image_size.
 
 Writes, per image STEM, what the run's task writes (shared sapiens_v1.md section 8; each task
@@ -68,10 +68,9 @@ def load_weights(path, image_size, task=None):
     size = ()
   if len(size) != 2 or min(size) <= 0:
     raise ValueError(f"--image_size={','.join(map(str, image_size))}: expected H,W, two positive integers")
-  found = None if task == FEATURES else init_from.task_from_file(path, size)
-  if found is None and task not in (None, FEATURES):
+  config, params = init_from.model_from_file(path, size, backbone_only=task == FEATURES)
+  if config.get("task") is None and task not in (None, FEATURES):
     raise ValueError(f"--weights={path!r} holds no task head: it predicts --task={FEATURES}, not {task!r}")
-  config, params = found or init_from.backbone_from_file(path, size)
   return config, jax.device_put(params)
 
 

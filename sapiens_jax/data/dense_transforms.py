@@ -88,7 +88,7 @@ def random_resize(image, targets, rng, scale=(768, 1024),
   return resize_to(image, targets, size)
 
 
-def _crop_box(height, width, crop_size, rng):
+def crop_box(height, width, crop_size, rng):
   """Random (top, left, bottom, right), at most `crop_size` big."""
   top = int(rng.integers(0, max(height - crop_size[0], 0) + 1))
   left = int(rng.integers(0, max(width - crop_size[1], 0) + 1))
@@ -113,14 +113,14 @@ def random_crop(image, targets, rng, crop_size=(1024, 768), cat_max_ratio=1.0,
   so small images end up upsampled, not padded.
   """
   height, width = image.shape[:2]
-  box = _crop_box(height, width, crop_size, rng)
+  box = crop_box(height, width, crop_size, rng)
   if cat_max_ratio < 1 and "label" in targets:
     for _ in range(10):
       top, left, bottom, right = box
       window = targets["label"][top:bottom, left:right]
       if not _one_class_dominates(window, cat_max_ratio, ignore_index):
         break
-      box = _crop_box(height, width, crop_size, rng)
+      box = crop_box(height, width, crop_size, rng)
   top, left, bottom, right = box
   return (image[top:bottom, left:right],
           {name: array[top:bottom, left:right]

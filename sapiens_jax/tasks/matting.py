@@ -102,10 +102,8 @@ def composite(alpha, foreground, background):
 
 def _random_crop(layers, rng, size):
   """A random `size` window (the whole side where the layers are smaller), as dense_transforms.random_crop."""
-  height, width = layers["alpha"].shape
-  top = int(rng.integers(0, max(height - size[0], 0) + 1))
-  left = int(rng.integers(0, max(width - size[1], 0) + 1))
-  return {name: array[top:top + size[0], left:left + size[1]] for name, array in layers.items()}
+  top, left, bottom, right = dense_transforms.crop_box(*layers["alpha"].shape, size, rng)
+  return {name: array[top:bottom, left:right] for name, array in layers.items()}
 
 
 def _sample(layers):

@@ -126,7 +126,7 @@ def test_task_checkpoint_with_an_unknown_head_is_named(exported, tmp_path):
   odd = str(tmp_path / "odd.safetensors")
   save_file({k: np.ascontiguousarray(v) for k, v in keys.items()}, odd)
   with pytest.raises(ValueError, match="conv_seg.*none of the fine-tuning recipes"):
-    init_from.task_from_file(odd, config.image_size)
+    init_from.model_from_file(odd, config.image_size)
 
 
 def test_sapiens2_torch_prefix_is_decode_head_for_pose_too(finetune_config):
