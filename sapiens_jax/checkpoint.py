@@ -211,19 +211,24 @@ def checkpoint_steps(workdir):
   return manager, steps
 
 
-def abstract_params(config):
-  """Shapes and dtypes of the params of `config`'s model, traced (never allocated), built by the
-  objective's own init as training builds them."""
+def abstract_weights(config):
+  """Shapes and dtypes of the weights a run hands out (its objective's WEIGHTS entry: the params, or an EMA
+  teacher), traced (never allocated), built by the objective's own init as training builds them."""
   objective = objectives.get(config)
   model = objective.build_model(config)
-  return jax.eval_shape(lambda key: nn.unbox(objective.init_params(model, config, key)), jax.random.key(0))
+
+  def weights(key):
+    params = objective.init_params(model, config, key)
+    return nn.unbox({"params": params, **objective.init_extra_state(params, config)}[objective.WEIGHTS])
+  return jax.eval_shape(weights, jax.random.key(0))
 
 
 def restore_params(workdir, step=None):
-  """(params as numpy arrays, saved config, step) of checkpoint `step` (default: the newest) of a run.
+  """(weights as numpy arrays, saved config, step) of checkpoint `step` (default: the newest) of a run.
 
-  Reads only the parameters (not the optimizer state), onto one CPU device, whatever the run was
-  trained on: the shapes come from the config saved with the checkpoint.
+  Reads only the weights the objective hands out (its WEIGHTS: the params, or the EMA teacher of a
+  self-distillation run; not the optimizer state), onto one CPU device, whatever the run was trained
+  on: the shapes come from the config saved with the checkpoint.
   """
   manager, steps = checkpoint_steps(workdir)
   step = steps[-1] if step is None else step
@@ -231,8 +236,9 @@ def restore_params(workdir, step=None):
     raise ValueError(f"no checkpoint for step {step} in {manager.directory}; available steps: {steps}")
   config = saved_config(manager, step)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
-                                   abstract_params(config))}
+  entry = objectives.get(config).WEIGHTS
+  target = {entry: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                                abstract_weights(config))}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-  return jax.tree.map(np.asarray, restored["state"]["params"]), config, step
+  return jax.tree.map(np.asarray, restored["state"][entry]), config, step

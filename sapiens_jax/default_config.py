@@ -167,6 +167,23 @@ def pretrain(size, objective="mae"):
   return c
 
 
+# Sapiens2 publishes no pretraining schedule (sapiens2.md §2): ours is one pass over its 1B images
+# (the one number it gives) at a global batch of 1024 images (2 global views each), MAE's lr rule and warm-up fraction.
+SAPIENS2_PRETRAIN_BATCH = 1024
+SAPIENS2_PRETRAIN_IMAGES = 1_000_000_000
+
+
+def pretrain_sapiens2(size):
+  """MAE + self-distillation pretraining of a Sapiens2 `size` at 1024 px global views (objectives/mae_distill.py
+  names each default's source)."""
+  c = pretrain(size, "mae_distill")
+  c.batch_size = SAPIENS2_PRETRAIN_BATCH
+  c.total_steps = SAPIENS2_PRETRAIN_IMAGES // SAPIENS2_PRETRAIN_BATCH
+  c.optim.warmup_steps = c.total_steps // 40  # MAE: 40 of 1600 epochs
+  c.model.dtype = "bfloat16"
+  return c
+
+
 def finetune(dataset, size):
   """The reference fine-tuning recipe of `dataset` (a key of DATASETS) for `size`."""
   d = DATASETS[dataset]

@@ -23,10 +23,22 @@ def no_extra_state(params, config):
   return {}
 
 
-def no_post_update(state, config):
+def no_post_update(state, outputs, config):
   """`post_update` of an objective that changes nothing after the optimizer step."""
-  del config
+  del outputs, config
   return state
+
+
+def no_step_outputs(outputs, config):
+  """`step_outputs` of an objective whose train step keeps nothing of the loss's outputs."""
+  del outputs, config
+  return {}
+
+
+def no_alerts(step, metrics, config):
+  """`alerts` of an objective whose training metrics need no warning."""
+  del step, metrics, config
+  return []
 
 
 def init_state(objective, model, tx, config, key):
@@ -53,40 +65,46 @@ def init_train_state(objective, model, tx, config, mesh, rules, abstract_state):
 
 
 def loss_and_grads(objective, model, state, batch, keys, config):
-  """Mean loss and gradients over the batch, in `config.grad_accum_steps` sequential micro-batches.
+  """(Mean loss, the step outputs) and gradients over the batch, in `config.grad_accum_steps` sequential
+  micro-batches. The step outputs (`objective.step_outputs`: its metrics, EMA centres, ...) are averaged too.
 
   Every example keeps its own key and every micro-batch holds the same number of examples, so an
   objective whose loss is a mean over equal micro-batches (MAE's masks included) gets the result
   of one pass over the whole batch (only the heads' dropout draws differ). Micro-batch i takes
   rows i, i+k, i+2k, ... so each one stays spread over all devices of the batch axis.
   """
-  grad_fn = jax.value_and_grad(lambda p, b, k: objective.loss(model, p, state, b, k, config)[0])
+  def loss_fn(params, batch, keys):
+    value, outputs = objective.loss(model, params, state, batch, keys, config)
+    return value, objective.step_outputs(outputs, config)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = config.grad_accum_steps
   if k == 1:
     return grad_fn(state["params"], batch, keys)
   split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
   def accumulate(carry, micro_batch):
-    loss, grads = grad_fn(state["params"], *micro_batch)
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    return jax.tree.map(jnp.add, carry, grad_fn(state["params"], *micro_batch)), None
 
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, (batch, keys)))
-  return jax.tree.map(lambda x: x / k, (loss, grads))
+  micro_batches = jax.tree.map(split, (batch, keys))
+  shapes = jax.eval_shape(grad_fn, state["params"], *jax.tree.map(lambda x: x[0], micro_batches))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(accumulate, zeros, micro_batches)
+  return jax.tree.map(lambda x: x / k, total)
 
 
 def train_step(state, batch, *, objective, model, tx, config):
   step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
   keys = prng.example_keys(step_key, batch["image"].shape[0])
-  loss, grads = loss_and_grads(objective, model, state, batch, keys, config)
+  (loss, outputs), grads = loss_and_grads(objective, model, state, batch, keys, config)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   trainable = jax.tree.map(lambda g, label: g if label == "train" else None,  # None: left out
                            grads, optim.frozen_labels(grads, config.optim.frozen))
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(trainable),
-             "learning_rate": optim.schedule(config)(state["step"])}
+             "learning_rate": optim.schedule(config)(state["step"]), **outputs.get("metrics", {})}
   state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
-  return objective.post_update(state, config), metrics
+  return objective.post_update(state, outputs, config), metrics
 
 
 def jit_train_step(objective, model, tx, config, mesh, rules, state_shardings):

@@ -19,9 +19,9 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-# The parts of the upstream checkpoints besides the backbone: mmpretrain's MAE neck, mmpose's
-# head and mmseg's decode head.
-PART_PREFIXES = ("neck.", "head.", "decode_head.")
+# The parts of the checkpoints besides the backbone: mmpretrain's MAE neck, mmpose's head and
+# mmseg's decode head (upstream's); the self-distillation run's projection and DINO head (ours).
+PART_PREFIXES = ("neck.", "head.", "decode_head.", "dense_proj.", "dino_head.")
 
 # layout: (ours -> torch, torch -> ours of the given shape). Pure transposes and reshapes.
 LAYOUTS = {

@@ -119,6 +119,11 @@ def train_and_evaluate(config, workdir, eval_only=False):
     if config.init_from:
       params = init_from.load_params(config.init_from, state["params"], config)
       state["params"] = jax.device_put(params, state_shardings["params"])
+      # The objective's own state follows (an EMA teacher starts as the loaded student), made on the
+      # devices where it lives, in buffers of its own.
+      extra = {k: s for k, s in state_shardings.items() if k not in ("step", "params", "opt_state")}
+      if extra:
+        state.update(jax.jit(lambda p: objective.init_extra_state(p, config), out_shardings=extra)(state["params"]))
       logging.info("Initialised the params from %s", config.init_from)
 
   p_train_step = train_step.jit_train_step(objective, model, tx, config, mesh, rules, state_shardings)
@@ -169,6 +174,8 @@ def train_and_evaluate(config, workdir, eval_only=False):
                        data_skipped=float(all_skipped))
         writer.write_scalars(step, metrics)
         progress.update(step, loss=metrics["loss"], lr=metrics["learning_rate"])
+        for alert in objective.alerts(step, metrics, config):
+          logging.warning("step %d: %s", step, alert)
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         run_eval(step, state)

@@ -25,6 +25,9 @@ best_metric = mae.best_metric
 torch_parts = mae.torch_parts
 adapt_state_dict = mae.adapt_state_dict
 predict_task = mae.predict_task
+step_outputs = mae.step_outputs
+alerts = mae.alerts
+WEIGHTS = mae.WEIGHTS
 
 
 def init_extra_state(params, config):
@@ -32,7 +35,7 @@ def init_extra_state(params, config):
   return {"teacher": params}
 
 
-def post_update(state, config):
-  del config
+def post_update(state, outputs, config):
+  del outputs, config
   teacher = jax.tree.map(lambda t, p: MOMENTUM * t + (1 - MOMENTUM) * p, state["teacher"], state["params"])
   return {**state, "teacher": teacher}

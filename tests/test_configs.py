@@ -138,3 +138,27 @@ def test_dataset_reader_and_best_metric_are_separate_named_settings(name):
   assert c.data.source == "folder"  # the reader; the dataset's name is data.dataset
   assert (dataset.task, dataset.labels, dataset.patch_padding) == (c.task, c.data.labels, c.model.patch_padding)
   assert tasks.get(c.task).METRICS[c.best_metric] == ("min" if c.task in ("depth", "normal") else "max")
+
+
+@pytest.mark.parametrize("size", ["0.1b", "0.4b", "0.8b", "1b", "5b"])
+def test_sapiens2_pretrain_configs_take_dinov2_and_mae_defaults(size):
+  """Sapiens2 published no pretraining values: each default is DINOv2's or MAE's, as the objective says."""
+  c = load(f"pretrain_sapiens2_{size}")
+  assert (c.objective, c.model.size, tuple(c.image_size)) == ("mae_distill", f"sapiens2_{size}", (1024, 1024))
+  assert c.model.mask_ratio == 0.75 and (c.model.decoder_width, c.model.decoder_depth) == (512, 8)  # MAE
+  d = c.distill
+  assert (d.num_prototypes, d.head_hidden_dim, d.head_bottleneck_dim, d.head_layers) == (65536, 2048, 256, 3)
+  assert (d.student_temperature, d.teacher_temperature_start, d.teacher_temperature) == (0.1, 0.04, 0.07)
+  assert d.teacher_temperature_warmup_steps == 37_500 and (d.momentum_start, d.momentum_end) == (0.994, 1.0)
+  assert (d.dino_weight, d.dense_weight, d.koleo_weight, d.num_local_crops) == (1.0, 1.0, 0.1, 8)
+  assert tuple(d.global_scale) == (0.32, 1.0) and tuple(d.local_scale) == (0.05, 0.32)
+  assert 1e9 - c.batch_size < c.batch_size * c.total_steps <= 1e9  # one pass over Sapiens2's 1B images
+  assert c.model.dtype == "bfloat16" and c.optim.grad_clip_norm == 3.0
+  from sapiens_jax import train  # pylint: disable=g-import-not-at-top
+  train.check_config(c)
+
+
+def test_sapiens2_quickstart_is_small_and_uses_generated_data():
+  c = load("quickstart_sapiens2")
+  assert c.objective == "mae_distill" and c.data.source == "generated"
+  assert c.model.size == "sapiens2_tiny" and max(c.image_size) <= 128

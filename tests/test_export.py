@@ -273,14 +273,17 @@ def test_bad_inputs_are_named(tmp_path):
 
 @pytest.mark.parametrize("objective,dataset", [("mae", ""), ("finetune", "coco"), ("finetune", "goliath_seg"),
                                                ("finetune", "render_people_depth"),
-                                               ("finetune", "render_people_normal")])
+                                               ("finetune", "render_people_normal"), ("mae_distill", "")])
 def test_every_parameter_group_has_pytorch_names(objective, dataset):
   """What an objective builds, it names: no group (and no parameter) is left out of an export."""
-  config = default_config.finetune(dataset, "tiny") if dataset else default_config.pretrain("tiny")
+  if objective == "mae_distill":
+    config = default_config.pretrain("sapiens2_tiny", objective)
+  else:
+    config = default_config.finetune(dataset, "tiny") if dataset else default_config.pretrain("tiny")
   config.image_size = (64, 48)
   chosen = objectives.get(config)
   assert chosen is objectives.OBJECTIVES[objective]
-  params = checkpoint.abstract_params(config)
+  params = checkpoint.abstract_weights(config)
   parts = chosen.torch_parts(config)
   assert sorted(p.group for p in parts) == sorted(params)
   torch_names.to_torch(torch_names.stand_ins(params), parts)  # raises on a parameter without a name

@@ -73,7 +73,7 @@ def test_clean_file_gives_the_torch_features_and_keeps_the_fresh_decoder(tiny_co
   tiny_config.model.scan_layers = scan_layers
   backbone = clean_backbone()
   path = save(backbone.state_dict(), tmp_path / f"sapiens_tiny_clean{ext}")
-  target = checkpoint.abstract_params(tiny_config)
+  target = checkpoint.abstract_weights(tiny_config)
   with caplog.at_level(logging.INFO):
     params = init_from.load_params(path, target, tiny_config)
   assert params["decoder"] is target["decoder"]  # left as given: fresh
@@ -91,7 +91,7 @@ def test_other_grid_resizes_pos_embed_like_torch(tiny_config, tmp_path):
   tiny_config.image_size = (64, 48)  # grid 4x3; the file's is 4x4 (+ cls)
   backbone = clean_backbone((64, 64))
   path = save(backbone.state_dict(), tmp_path / "clean.pth")
-  params = init_from.load_params(path, checkpoint.abstract_params(tiny_config), tiny_config)
+  params = init_from.load_params(path, checkpoint.abstract_weights(tiny_config), tiny_config)
   pos = params["encoder"]["pos_embed"]
   file_pos = backbone.pos_embed.detach()
   assert pos.shape == (1, 13, 64)
@@ -117,7 +117,7 @@ def test_full_checkpoint_loads_backbone_and_decoder_and_ignores_the_head(tiny_co
   state_dict["head.final_layer.weight"] = torch.zeros(17, 768, 1, 1)  # a task head: not ours to load
   path = save({"state_dict": state_dict, "meta": {"epoch": 1600}}, tmp_path / "sapiens_tiny_epoch_1600.pth")
   with caplog.at_level(logging.INFO):
-    params = init_from.load_params(path, checkpoint.abstract_params(tiny_config), tiny_config)
+    params = init_from.load_params(path, checkpoint.abstract_weights(tiny_config), tiny_config)
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
   assert any("not loading 1 keys" in r.getMessage() and "head.final_layer.weight" in r.getMessage()
              for r in caplog.records)
@@ -126,7 +126,7 @@ def test_full_checkpoint_loads_backbone_and_decoder_and_ignores_the_head(tiny_co
   for key in ("backbone.pos_embed", "neck.decoder_pos_embed"):
     expected[key] = posemb.resize_pos_embed(expected[key], (4, 4), (4, 3), 1, 1)
   parts = [p._replace(prefix="backbone.") if p.group == "encoder" else p for p in mae.torch_parts(tiny_config)]
-  expected = torch_names.from_torch(expected, checkpoint.abstract_params(tiny_config), parts)
+  expected = torch_names.from_torch(expected, checkpoint.abstract_weights(tiny_config), parts)
   assert_trees_equal(params, expected)
   np.testing.assert_array_equal(params["decoder"]["decoder_embed"]["kernel"], neck.decoder_embed.weight.detach().T)
   assert params["decoder"]["decoder_pos_embed"].shape == (1, 13, tiny_config.model.decoder_width)
@@ -139,7 +139,7 @@ def test_mismatches_are_one_error_naming_every_key_and_the_file(tiny_config, tmp
   del state_dict["ln1.bias"]
   path = save(state_dict, tmp_path / "bad.safetensors")
   with pytest.raises(ValueError) as error:
-    init_from.load_params(path, checkpoint.abstract_params(tiny_config), tiny_config)
+    init_from.load_params(path, checkpoint.abstract_weights(tiny_config), tiny_config)
   message = str(error.value)
   assert path in message
   assert "1 missing keys:\n    ln1.bias (64,)" in message
@@ -148,7 +148,7 @@ def test_mismatches_are_one_error_naming_every_key_and_the_file(tiny_config, tmp
 
 
 def test_refusals_name_the_reason(tiny_config, tmp_path):
-  target = checkpoint.abstract_params(tiny_config)
+  target = checkpoint.abstract_weights(tiny_config)
   # Another model size is named as such.
   path = save(clean_backbone(size="small").state_dict(), tmp_path / "small.pth")
   with pytest.raises(ValueError, match=r"width 192 with 6 blocks \(model.size='small'\), but "
@@ -185,13 +185,13 @@ def test_a_run_starts_from_init_from_and_resuming_wins(tiny_config, tmp_path):
 
   # That workdir as init_from (the same call the run makes): DIR is its newest checkpoint, DIR:STEP
   # the one named; a scanned model gets the same values stacked.
-  target = checkpoint.abstract_params(tiny_config)
+  target = checkpoint.abstract_weights(tiny_config)
   newest, _, step = checkpoint.restore_params(workdir)
   assert step == 2
   assert_trees_equal(init_from.load_params(workdir, target, tiny_config), newest)
   assert_trees_equal(init_from.load_params(f"{workdir}:1", target, tiny_config), step1)
   tiny_config.model.scan_layers = True
-  scanned = init_from.load_params(workdir, checkpoint.abstract_params(tiny_config), tiny_config)
+  scanned = init_from.load_params(workdir, checkpoint.abstract_weights(tiny_config), tiny_config)
   assert "layers" in scanned["encoder"]
   assert_trees_equal(torch_names.to_torch(scanned, mae.torch_parts(tiny_config)),
                      torch_names.to_torch(newest, mae.torch_parts(tiny_config)))
@@ -199,7 +199,7 @@ def test_a_run_starts_from_init_from_and_resuming_wins(tiny_config, tmp_path):
   # Its position tables on another grid with as many tokens (4x4 -> 2x8): resized, from the grid
   # the run was trained on, not one guessed from the token count.
   tiny_config.image_size = (32, 128)
-  wide = init_from.load_params(workdir, checkpoint.abstract_params(tiny_config), tiny_config)
+  wide = init_from.load_params(workdir, checkpoint.abstract_weights(tiny_config), tiny_config)
   for group, key in (("encoder", "pos_embed"), ("decoder", "decoder_pos_embed")):
     np.testing.assert_array_equal(wide[group][key],
                                   posemb.resize_pos_embed(newest[group][key], (4, 4), (2, 8), 1, 1))

@@ -44,7 +44,7 @@ def save_run(config, workdir, seed=0):
   def draw(path, leaf):  # LayerNorm scales near 1, everything else small noise
     noise = 0.05 * rng.standard_normal(leaf.shape, dtype=np.float32)
     return 1 + noise if jax.tree_util.keystr(path).endswith("['scale']") else noise
-  params = jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_params(config))
+  params = jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_weights(config))
   manager = checkpoint.make_manager(workdir, config)
   data_iter = iter(grain.MapDataset.range(1).to_iter_dataset())
   checkpoint.save(manager, 1, {"step": np.int32(1), "params": params}, data_iter, config)

@@ -20,6 +20,7 @@ from sapiens_jax.data import dense_source
 from sapiens_jax.data import sources
 from sapiens_jax.data import synthetic_humans
 from sapiens_jax.data import transforms
+from sapiens_jax.data import views
 
 ON_ERROR_POLICIES = ("raise", "skip")
 
@@ -78,6 +79,12 @@ def _check_on_error(data_config):
         f" {', '.join(ON_ERROR_POLICIES)}")
 
 
+def _check_resize(data_config):
+  if data_config.resize not in transforms.RESIZE_BACKENDS:
+    raise ValueError(f"unknown data.resize {data_config.resize!r}; expected one of"
+                     f" {', '.join(transforms.RESIZE_BACKENDS)}")
+
+
 def _single_threaded_opencv(worker_index, worker_count):
   """Each worker is one core of decoding; OpenCV's own pool would start a thread per core in each."""
   del worker_index, worker_count
@@ -128,14 +135,55 @@ def make_pretrain_iterator(data_config, *, image_size, batch_size, seed,
           "skipped": int32 (batch_size,)}; `batch_size` is per process (see _stream).
   """
   _check_on_error(data_config)
-  if data_config.resize not in transforms.RESIZE_BACKENDS:
-    raise ValueError(f"unknown data.resize {data_config.resize!r}; expected one of"
-                     f" {', '.join(transforms.RESIZE_BACKENDS)}")
+  _check_resize(data_config)
   image_size = tuple(int(s) for s in image_size)
   source = sources.make_source(data_config, image_size, seed)
   load = functools.partial(
       load_pretrain_example, source, image_size, data_config.resize,
       data_config.on_error == "skip")
+  return _stream(len(source), load, batch_size=batch_size, seed=seed,
+                 process_index=process_index, process_count=process_count,
+                 num_workers=data_config.num_workers)
+
+
+# ------------------------------------------------------------ multi-view (DINO)
+
+
+def load_multiview_example(source, image_size, local_size, num_local, global_scale, local_scale,
+                           resize, skip_bad, record_index, rng):
+  """Reads and decodes record `record_index` once, then draws its two global views and
+  `num_local` local crops (views.py); "local" is left out when there are none."""
+  def load(index):
+    record = source[index]
+    image = transforms.decode_image(record["data"], record["name"])
+    example = {"image": np.stack([views.global_view(image, rng, image_size, which, global_scale, resize)
+                                  for which in (0, 1)])}
+    if num_local:
+      example["local"] = np.stack([views.local_view(image, rng, local_size, local_scale, resize)
+                                   for _ in range(num_local)])
+    return example
+  return load_with_skips(load, len(source), skip_bad, record_index)
+
+
+def make_multiview_iterator(data_config, *, image_size, local_size, num_local, global_scale,
+                            local_scale, batch_size, seed, process_index=0, process_count=1):
+  """Infinite, checkpointable iterator of this process's multi-view pretraining batches.
+
+  Yields {"image": uint8 (batch_size, 2, H, W, 3) global views,
+          "local": uint8 (batch_size, num_local, h, w, 3) local crops (absent when num_local is 0),
+          "skipped": int32 (batch_size,)}; `batch_size` is per process (see _stream). The source is
+  sized for the global views (`image_size`), which the local crops share.
+  """
+  _check_on_error(data_config)
+  _check_resize(data_config)
+  if num_local < 0:
+    raise ValueError(f"num_local must be >= 0, got {num_local}")
+  image_size = tuple(int(s) for s in image_size)
+  local_size = tuple(int(s) for s in local_size)
+  source = sources.make_source(data_config, image_size, seed)
+  load = functools.partial(
+      load_multiview_example, source, image_size, local_size, int(num_local), tuple(global_scale),
+      tuple(local_scale), data_config.resize, data_config.on_error == "skip")
   return _stream(len(source), load, batch_size=batch_size, seed=seed,
                  process_index=process_index, process_count=process_count,
                  num_workers=data_config.num_workers)

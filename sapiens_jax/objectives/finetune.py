@@ -26,6 +26,7 @@ from sapiens_jax.tasks import heads
 from sapiens_jax.tasks import heads2
 
 PICTURES = "predictions"
+WEIGHTS = "params"  # the state entry that export, predict and init_from read
 
 
 class TaskModel(nn.Module):
@@ -66,6 +67,8 @@ def init_params(model, config, key):
 
 init_extra_state = train_step.no_extra_state
 post_update = train_step.no_post_update
+step_outputs = train_step.no_step_outputs
+alerts = train_step.no_alerts
 
 
 def loss(model, params, state, batch, keys, config):

@@ -31,6 +31,7 @@ from sapiens_jax.models import posemb
 
 NORM_PIX_EPS = 1e-6  # the per-patch target normalisation (and its inverse, for pictures)
 PICTURES = "reconstructions"
+WEIGHTS = "params"  # the state entry that export, predict and init_from read
 _GREY = 128  # masked patches in the middle column of the reconstruction grid
 
 
@@ -88,7 +89,9 @@ class Decoder(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, latent, restore_ids):
+  def __call__(self, latent, restore_ids, return_features=False):
+    """Predicted pixels (B, N, p*p*3); with `return_features` also the features they are read from
+    (B, N, width), after the final norm (a self-distillation objective reads its dense term there)."""
     b, n = restore_ids.shape
     d = self.width
     x = nn.Dense(d, dtype=self.dtype, name="decoder_embed",
@@ -104,11 +107,11 @@ class Decoder(nn.Module):
     x = jnp.concatenate([x[:, :1], tokens], axis=1) + pos_embed.astype(x.dtype)
     x = layers.run_blocks(layers.make_blocks(self.depth, self.num_heads, self.dtype, self.scan_layers,
                                              self.remat_policy, self.attention, name="decoder_blocks"), x)
-    x = layers.layer_norm("ln1", self.dtype)(x)
-    x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, name="decoder_pred",
-                 kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
-                 bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
-    return x[:, 1:]
+    features = layers.layer_norm("ln1", self.dtype)(x)[:, 1:]
+    pixels = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, name="decoder_pred",
+                      kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+                      bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(features)
+    return (pixels, features) if return_features else pixels
 
 
 class MAE(nn.Module):
@@ -171,6 +174,8 @@ def init_params(model, config, key):
 
 init_extra_state = train_step.no_extra_state
 post_update = train_step.no_post_update
+step_outputs = train_step.no_step_outputs
+alerts = train_step.no_alerts
 
 
 def loss(model, params, state, batch, keys, config):

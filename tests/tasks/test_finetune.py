@@ -118,7 +118,7 @@ def test_finetuning_starts_from_an_mae_run_of_ours(tiny_config, finetune_config,
   config = finetune_config("pose")
   config.init_from = str(tmp_path / "mae")
   with caplog.at_level(logging.INFO):
-    params = init_from.load_params(config.init_from, checkpoint.abstract_params(config), config)
+    params = init_from.load_params(config.init_from, checkpoint.abstract_weights(config), config)
   assert "cls_token" not in params["encoder"] and "decoder" not in params
   np.testing.assert_array_equal(params["encoder"]["layers_1"]["attn"]["qkv_kernel"],
                                 mae_params["encoder"]["layers_1"]["attn"]["qkv_kernel"])
@@ -147,13 +147,13 @@ def test_an_original_task_checkpoint_loads_its_head_when_it_fits(finetune_config
   path = tmp_path / "sapiens_tiny_coco_best_coco_AP.pth"
   torch.save({"state_dict": model.state_dict()}, path)
 
-  params = init_from.load_params(str(path), checkpoint.abstract_params(config), config)
+  params = init_from.load_params(str(path), checkpoint.abstract_weights(config), config)
   np.testing.assert_array_equal(params["head"]["final_layer"]["kernel"],
                                 head.final_layer.weight.detach().numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(params["encoder"]["pos_embed"], backbone.pos_embed.detach().numpy())
 
   config.data.labels = "coco_wholebody133"
-  fresh = checkpoint.abstract_params(config)
+  fresh = checkpoint.abstract_weights(config)
   with caplog.at_level(logging.INFO):
     params = init_from.load_params(str(path), fresh, config)
   assert params["head"] is fresh["head"]  # left as the model's own (fresh) head
