@@ -53,3 +53,19 @@ def test_dry_run_counts_sapiens2_parameters_as_upstream():
   plan = json.loads(out.stdout.strip().splitlines()[-1])
   assert (plan["family"], plan["encoder_params"]) == ("sapiens2", 5_066_902_976)
   assert plan["num_large_params_unsharded"] == 0, plan["large_params_unsharded"]
+
+
+def test_self_distillation_plans_its_teacher_sharded_like_the_student():
+  """Sapiens2-1B MAE + self-distillation over fsdp=8: the EMA teacher costs what the params cost per device,
+  and no large parameter (the 65,536 prototypes included) stays whole."""
+  script = PLAN_2B_FSDP8.replace('default_config.pretrain("2b")', 'default_config.pretrain_sapiens2("sapiens2_1b")')
+  script = script.replace("config.batch_size = 64", "config.batch_size = 8")
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=fake_devices.env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (plan["objective"], plan["encoder_params"]) == ("mae_distill", 1_455_474_176)
+  assert plan["num_large_params_unsharded"] == 0, plan["large_params_unsharded"]
+  assert plan["teacher_bytes_per_device"] == plan["param_bytes_per_device"]
+  assert abs(plan["param_bytes_per_device"] / (plan["params"] * 4 / 8) - 1) < 0.05
+  assert plan["head_params"] > 65536 * 256  # the prototypes are there, at DINOv2's count

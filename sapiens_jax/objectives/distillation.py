@@ -70,7 +70,7 @@ class Prototypes(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    v = self.param("kernel", layers.partitioned(_torch_linear_init, (None, "mlp")), (x.shape[-1], self.num_prototypes))
+    v = self.param("kernel", layers.partitioned(_torch_linear_init, ("embed", "mlp")), (x.shape[-1], self.num_prototypes))
     w = v / jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True))
     if self.learn_norm:
       w = w * self.param("weight_g", layers.partitioned(nn.initializers.ones, ("mlp",)), (self.num_prototypes,))
@@ -98,7 +98,7 @@ class DinoHead(nn.Module):
       raise ValueError(f"DinoHead needs nlayers >= 1, got {self.nlayers}")
     for j in range(self.nlayers):
       last = j == self.nlayers - 1
-      axes = ("embed" if j == 0 else None, None if last else "mlp")
+      axes = ("embed", None if last else "mlp")  # every input axis over fsdp: no large layer stays whole
       x = nn.Dense(self.bottleneck_dim if last else self.hidden_dim, dtype=self.dtype,
                    name="mlp" if self.nlayers == 1 else f"mlp_{2 * j}",
                    kernel_init=layers.partitioned(_trunc_normal_002(), axes),
