@@ -72,11 +72,11 @@ def plan(config, compile_program=True):
   param_bytes = sharding.bytes_per_device(abstract["params"], state_shardings["params"])
   opt_bytes = sharding.bytes_per_device(abstract["opt_state"], state_shardings["opt_state"])
   # The objective's own state (an EMA teacher, centres), sharded like the params.
-  extra = [k for k in abstract if k not in ("step", "params", "opt_state")]
-  extra_bytes = sum(sharding.bytes_per_device(abstract[k], state_shardings[k]) for k in extra)
+  extra_bytes = {k: sharding.bytes_per_device(v, state_shardings[k])
+                 for k, v in step.extra_state(abstract).items()}
   per_device_batch = config.batch_size / sharding.batch_shards(mesh, rules)
   act_bytes = int(objectives.get(config).activation_bytes_per_example(config) * per_device_batch)
-  memory = 2 * param_bytes + opt_bytes + extra_bytes + act_bytes  # params, gradients, optimizer, extra, activations
+  memory = 2 * param_bytes + opt_bytes + sum(extra_bytes.values()) + act_bytes  # params, gradients, optimizer, extra, activations
   compiled = {}
   if compile_program:
     stats = lowered.compile().memory_analysis()
@@ -101,7 +101,7 @@ def plan(config, compile_program=True):
       "flops_per_example": flops / config.batch_size,
       "param_bytes_per_device": param_bytes,
       "optimizer_bytes_per_device": opt_bytes,
-      **{f"{k}_bytes_per_device": sharding.bytes_per_device(abstract[k], state_shardings[k]) for k in extra},
+      **{f"{k}_bytes_per_device": b for k, b in extra_bytes.items()},
       "activation_bytes_per_device_estimate": act_bytes,
       **compiled,
       "memory_per_device_bytes": memory,

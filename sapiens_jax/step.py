@@ -41,6 +41,11 @@ def no_alerts(step, metrics, config):
   return []
 
 
+def extra_state(state):
+  """The entries an objective added to a train state (or to its shardings, shapes, ...): an EMA teacher, ..."""
+  return {k: v for k, v in state.items() if k not in ("step", "params", "opt_state")}
+
+
 def init_state(objective, model, tx, config, key):
   """The train state with logically-annotated (boxed) params; use under jax.eval_shape or jit."""
   params = objective.init_params(model, config, key)

@@ -121,7 +121,7 @@ def train_and_evaluate(config, workdir, eval_only=False):
       state["params"] = jax.device_put(params, state_shardings["params"])
       # The objective's own state follows (an EMA teacher starts as the loaded student), made on the
       # devices where it lives, in buffers of its own.
-      extra = {k: s for k, s in state_shardings.items() if k not in ("step", "params", "opt_state")}
+      extra = train_step.extra_state(state_shardings)
       if extra:
         state.update(jax.jit(lambda p: objective.init_extra_state(p, config), out_shardings=extra)(state["params"]))
       logging.info("Initialised the params from %s", config.init_from)

@@ -159,12 +159,16 @@ def token_stride(config):
   return config.image_size[0] // models.family(config.model).grid(config.model, config.image_size)[0]
 
 
-def build_model(config):
+def decoder(config, enc):
+  """The MAE decoder of `config` for the token grid of encoder `enc`."""
   m = config.model
+  return Decoder(m.decoder_width, m.decoder_depth, m.decoder_heads, enc.grid, token_stride(config),
+                 jnp.dtype(m.dtype), m.scan_layers, m.remat_policy, m.attention)
+
+
+def build_model(config):
   enc = encoder(config)
-  decoder = Decoder(m.decoder_width, m.decoder_depth, m.decoder_heads, enc.grid, token_stride(config),
-                    jnp.dtype(m.dtype), m.scan_layers, m.remat_policy, m.attention)
-  return MAE(encoder=enc, decoder=decoder, mask_ratio=m.mask_ratio)
+  return MAE(encoder=enc, decoder=decoder(config, enc), mask_ratio=config.model.mask_ratio)
 
 
 def init_params(model, config, key):
@@ -293,6 +297,17 @@ def _eval_step(params, batch, *, model, config):
   return value, transforms.normalize(batch["image"][:n]), pred[:n], mask[:n]
 
 
+def fixed_eval_batch(iterator, config, workdir, mesh, rules):
+  """The first batch of `iterator` (an objective's train_iterator) with seed + 1, on the mesh: the smallest
+  multiple of the batch shards and processes that holds num_viz_images."""
+  unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
+  rows = unit * -(-config.num_viz_images // unit) // jax.process_count()
+  local = next(iterator(config, workdir, batch_size=rows, seed=config.seed + 1,
+                        process_index=jax.process_index(), process_count=jax.process_count()))
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items() if k != "skipped"}
+
+
 class Evaluation:
   """The loss on a small fixed batch with fixed masks, comparable across steps, and the
   reconstructions of its first `num_viz_images` examples.
@@ -303,12 +318,8 @@ class Evaluation:
 
   def __init__(self, config, workdir, model, mesh, rules, param_shardings):
     self.config = config
-    unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
-    rows = unit * -(-config.num_viz_images // unit) // jax.process_count()
-    local = next(train_iterator(config, workdir, batch_size=rows, seed=config.seed + 1,
-                                process_index=jax.process_index(), process_count=jax.process_count()))
+    self.batch = fixed_eval_batch(train_iterator, config, workdir, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    self.batch = {"image": jax.make_array_from_process_local_data(batch_sharding, local["image"])}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.step = jax.jit(functools.partial(_eval_step, model=model, config=config),
                         in_shardings=(param_shardings, {"image": batch_sharding}), out_shardings=replicated)

@@ -37,7 +37,7 @@ import numpy as np
 from sapiens_jax import losses
 from sapiens_jax import models
 from sapiens_jax import prng
-from sapiens_jax import sharding
+from sapiens_jax import step as train_step
 from sapiens_jax import torch_names
 from sapiens_jax.data import pipeline
 from sapiens_jax.data import sources
@@ -127,14 +127,13 @@ def build_model(config):
   m, d = config.model, config.distill
   enc = encoder(config)
   local = enc.clone(image_size=tuple(d.local_size)) if d.num_local_crops else None
-  decoder = mae.build_model(config).decoder
   width = models.family(m).size(m.size).width
   dense_proj = nn.Dense(width, dtype=jnp.dtype(m.dtype),
                         kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), (None, "embed")),
                         bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))
   head = distillation.DinoHead(d.num_prototypes, d.head_hidden_dim, d.head_bottleneck_dim, d.head_layers,
                                dtype=jnp.dtype(m.dtype))
-  return Networks(enc, local, decoder, dense_proj, head)
+  return Networks(enc, local, mae.decoder(config, enc), dense_proj, head)
 
 
 def init_params(model, config, key):
@@ -368,18 +367,12 @@ class Evaluation:
 
   def __init__(self, config, workdir, model, mesh, rules, param_shardings):
     self.config = config
-    unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
-    rows = unit * -(-config.num_viz_images // unit) // jax.process_count()
-    local = next(train_iterator(config, workdir, batch_size=rows, seed=config.seed + 1,
-                                process_index=jax.process_index(), process_count=jax.process_count()))
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    self.batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
-                  if k != "skipped"}
+    self.batch = mae.fixed_eval_batch(train_iterator, config, workdir, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.step = jax.jit(functools.partial(_eval_step, model=model, config=config), out_shardings=replicated)
 
   def __call__(self, step, state):
-    extra = {k: v for k, v in state.items() if k not in ("params", "opt_state")}
+    extra = {"step": state["step"], **train_step.extra_state(state)}
     total, metrics, images, pixels, mask = jax.device_get(self.step(state["params"], extra, self.batch))
     scalars = {"loss": float(total), **{k: float(v) for k, v in metrics.items()}}
     if jax.process_index():
