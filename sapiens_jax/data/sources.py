@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from sapiens_jax.data import synthetic_humans
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SOURCE_NAMES = ("generated", "folder", "array_record", "tfds")
+SOURCE_NAMES = ("generated", "synthetic_humans", "folder", "array_record", "tfds")
 
 # Synthetic images are rendered this much larger than the training crop, so
 # that random_resized_crop still has something to choose from.
@@ -205,15 +207,32 @@ class GeneratedSource:
     index = int(index)
     if not 0 <= index < self.num_images:
       raise IndexError(f"index {index} out of range [0, {self.num_images})")
-    rng = np.random.default_rng((self.seed, index))
-    pixels = render_synthetic_image(rng, *self.image_size)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
-    return {"name": f"generated#{index}", "data": buffer.getvalue()}
+    Image.fromarray(self.render(index)).save(buffer, format="PNG", compress_level=0)
+    return {"name": f"{self.NAME}#{index}", "data": buffer.getvalue()}
+
+  NAME = "generated"
+
+  def render(self, index):
+    return render_synthetic_image(np.random.default_rng((self.seed, index)), *self.image_size)
 
   def __repr__(self):
-    return (f"GeneratedSource({self.num_images} images of {self.image_size},"
+    return (f"{type(self).__name__}({self.num_images} images of {self.image_size},"
             f" seed={self.seed})")
+
+
+class SyntheticHumansSource(GeneratedSource):
+  """PNGs of synthetic-humans scenes: 1-3 ray-cast people on a ground plane (the task data's generator).
+
+  Image i is `synthetic_humans.render_sample(seed, i, H, W)`'s image, so whatever the generator
+  knows of it (how many people, where, how bright the background) can label a probe of what
+  pretraining on these images learned (sapiens_jax.probe).
+  """
+
+  NAME = "synthetic_humans"
+
+  def render(self, index):
+    return synthetic_humans.render_sample(self.seed, index, *self.image_size, sapiens2=False)["image"]
 
 
 def _random_colour(rng):
@@ -294,10 +313,11 @@ def render_synthetic_image(rng, height, width):
 def make_source(data_config, image_size, seed):
   """The source named by `data_config.source`; `image_size` is the crop (H, W)."""
   name = data_config.source
-  if name == "generated":
+  if name in ("generated", "synthetic_humans"):
     generated_size = tuple(
         int(round(s * GENERATED_OVERSIZE)) for s in image_size)
-    return GeneratedSource(data_config.num_generated, generated_size, seed)
+    kind = GeneratedSource if name == "generated" else SyntheticHumansSource
+    return kind(data_config.num_generated, generated_size, seed)
   if name == "folder":
     return ImageFolderSource(data_config.path)
   if name == "array_record":

@@ -14,6 +14,7 @@ import pytest
 
 from sapiens_jax.data import pipeline
 from sapiens_jax.data import sources
+from sapiens_jax.data import synthetic_humans
 from sapiens_jax.data import transforms
 
 IMAGE_SIZE = (16, 16)
@@ -329,6 +330,16 @@ def test_generated_source_is_deterministic_and_varied():
     source_a[10]
 
 
+def test_synthetic_humans_source_holds_the_generators_scenes_larger_than_the_crop():
+  source = sources.make_source(data_config(source="synthetic_humans", num_generated=3), (32, 40), seed=2)
+  assert len(source) == 3 and source[1]["name"] == "synthetic_humans#1"
+  pixels = transforms.decode_image(source[1]["data"], "s")
+  expected = synthetic_humans.render_sample(2, 1, 40, 50, sapiens2=False)["image"]
+  np.testing.assert_array_equal(pixels, expected)  # PNG: lossless
+  with pytest.raises(IndexError):
+    source[3]
+
+
 def test_make_source_generated_is_larger_than_the_crop():
   source = sources.make_source(data_config(num_generated=3), (32, 40), seed=0)
   assert len(source) == 3
@@ -337,7 +348,7 @@ def test_make_source_generated_is_larger_than_the_crop():
 
 
 def test_make_source_rejects_unknown_source():
-  with pytest.raises(ValueError, match="'nope'; expected one of generated, folder, array_record, tfds"):
+  with pytest.raises(ValueError, match="'nope'; expected one of generated, synthetic_humans, folder, array_record, tfds"):
     sources.make_source(data_config(source="nope"), IMAGE_SIZE, 0)
 
 
