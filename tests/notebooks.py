@@ -5,12 +5,15 @@ notebook itself stays as users see it. The kernel is a kernelspec written to a t
 directory that runs this interpreter, so the notebook sees the same environment as pytest
 whatever `python3` kernel the machine has installed.
 """
+import base64
+import io
 import json
 import os
 import sys
 
 import nbclient
 import nbformat
+from PIL import Image
 import pytest
 
 COLABS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colabs")
@@ -65,6 +68,24 @@ def execute(name, root, overrides, timeout=600):
 
 def outputs(nb):
   return [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
+def displayed_pngs(nb):
+  """The PNG bytes the executed notebook displayed, in order, each checked to decode."""
+  pngs = [base64.b64decode(output["data"]["image/png"]) for output in outputs(nb)
+          if "image/png" in output.get("data", {})]
+  for png in pngs:
+    Image.open(io.BytesIO(png)).verify()
+  return pngs
+
+
+def reconstruction_png(workdir, step):
+  """The bytes of a run's reconstruction PNG of `step`, checked to be a non-empty PNG."""
+  path = workdir / "reconstructions" / f"step_{step:07d}.png"
+  assert path.is_file(), path
+  with Image.open(path) as image:
+    assert image.format == "PNG" and image.width > 0 and image.height > 0
+  return path.read_bytes()
 
 
 def stdout(nb):

@@ -4,14 +4,11 @@ teacher's export.
 How a notebook is run (parameters injected as papermill does, a kernel running this interpreter):
 tests/notebooks.py.
 """
-import base64
 import importlib.util
-import io
 import math
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
 
 import notebooks
@@ -82,21 +79,14 @@ def test_trains_every_distillation_term_to_the_last_step(executed):
 
 def test_writes_a_reconstruction_png(executed):
   _, workdir = executed
-  png = workdir / "reconstructions" / f"step_{TOTAL_STEPS:07d}.png"
-  assert png.is_file()
-  with Image.open(png) as image:
-    assert image.format == "PNG" and image.width > 0 and image.height > 0
+  notebooks.reconstruction_png(workdir, TOTAL_STEPS)
 
 
 def test_displays_the_curves_and_the_reconstructions(executed):
   nb, workdir = executed
-  pngs = [base64.b64decode(output["data"]["image/png"]) for output in notebooks.outputs(nb)
-          if "image/png" in output.get("data", {})]
+  pngs = notebooks.displayed_pngs(nb)
   assert len(pngs) == 2, "expected the loss curves and the reconstruction"
-  for png in pngs:
-    Image.open(io.BytesIO(png)).verify()
-  reconstruction = (workdir / "reconstructions" / f"step_{TOTAL_STEPS:07d}.png").read_bytes()
-  assert pngs[-1] == reconstruction
+  assert pngs[-1] == notebooks.reconstruction_png(workdir, TOTAL_STEPS)
 
 
 def test_prints_the_loss_table(executed):
