@@ -77,6 +77,17 @@ class Prototypes(nn.Module):
     return jnp.dot(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
+def _mlp_axes(j, last):
+  """Logical axes of linear j's kernel: (in, out) = (embed, mlp), (mlp, embed), (embed, mlp), ... as a transformer
+  MLP alternates them, so each layer contracts over the axis its input comes split on, and fsdp splits every
+  kernel. The last linear leaves its output whole (None). A hidden-to-hidden layer named (embed, mlp) instead
+  made XLA's partitioner (jaxlib 0.10.2) return wrong input gradients on a data x fsdp x tensor mesh: the
+  data2_fsdp2_tensor2 setting of tests/test_sharding_distill.py."""
+  if j % 2 == 0:
+    return ("embed", None if last else "mlp")
+  return ("mlp", None if last else "embed")
+
+
 class DinoHead(nn.Module):
   """DINO/iBOT projection head (§2.4): features (..., D) -> logits (..., num_prototypes), float32.
 
@@ -98,7 +109,7 @@ class DinoHead(nn.Module):
       raise ValueError(f"DinoHead needs nlayers >= 1, got {self.nlayers}")
     for j in range(self.nlayers):
       last = j == self.nlayers - 1
-      axes = ("embed", None if last else "mlp")  # every input axis over fsdp: no large layer stays whole
+      axes = _mlp_axes(j, last)
       x = nn.Dense(self.bottleneck_dim if last else self.hidden_dim, dtype=self.dtype,
                    name="mlp" if self.nlayers == 1 else f"mlp_{2 * j}",
                    kernel_init=layers.partitioned(_trunc_normal_002(), axes),
