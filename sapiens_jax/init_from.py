@@ -116,17 +116,21 @@ def _task_model(state_dict, image_size, path):
   size = models.size_of(state_dict, BACKBONE_PREFIX)
   if not heads or size is None:
     return None
-  features = None
+  features, closest = None, None
   for dataset in default_config.DATASETS:
     config = default_config.finetune(dataset, size)
     config.image_size = tuple(int(v) for v in image_size)
     features = features or _feature_map(config)
-    if _head_shapes(config, features) == heads:
+    shapes = _head_shapes(config, features)
+    if shapes == heads:
       break
+    shared = sum(heads.get(k) == v for k, v in shapes.items())
+    if shapes and (closest is None or shared > closest[0]):
+      closest = (shared, dataset, shapes)
   else:
-    sample = ", ".join(f"{k} {tuple(v)}" for k, v in sorted(heads.items())[:LISTED])
-    raise ValueError(f"{path!r}: its head ({sample} ...) is none of the fine-tuning recipes' heads for a "
-                     f"{size} backbone ({', '.join(default_config.DATASETS)})")
+    raise ValueError(f"{path!r}: its head is none of the fine-tuning recipes' heads for a {size} backbone "
+                     f"at {tuple(image_size)} ({', '.join(default_config.DATASETS)}); "
+                     + _head_mismatch(heads, *closest[1:]))
   config.model.dtype = "float32"  # prediction on whatever device; bfloat16 is a training choice
   objective = objectives.get(config)
   model = objective.build_model(config)
@@ -134,6 +138,20 @@ def _task_model(state_dict, image_size, path):
   params = _fit(state_dict, None, abstract, config, path)
   logging.info("%s: %s %s (%s) for %s images", path, config.data.dataset, config.task, size, image_size)
   return config, params
+
+
+def _head_mismatch(heads, dataset, expected):
+  """What keeps the file's head (`heads`, {key: shape}) from the recipe `dataset`'s (`expected`): its
+  missing, unexpected and differently shaped tensors, named."""
+  listed = lambda keys: ", ".join(sorted(keys)[:LISTED]) + (" ..." if len(keys) > LISTED else "")
+  missing, unexpected = expected.keys() - heads.keys(), heads.keys() - expected.keys()
+  shapes = [f"{k} {tuple(heads[k])} (expected {tuple(v)})" for k, v in sorted(expected.items())
+            if k in heads and heads[k] != v]
+  parts = [f"missing {listed(missing)}" if missing else "", f"unexpected {listed(unexpected)}" if unexpected else "",
+           f"shapes {', '.join(shapes[:LISTED])}" if shapes else ""]
+  hint = (" (other classes or keypoints; or, for pointmap's scale branch, an image size other than the one it was "
+          "trained at)" if shapes and not missing and not unexpected else "")
+  return f"closest: {dataset}, " + "; ".join(p for p in parts if p) + hint
 
 
 def _feature_map(config):

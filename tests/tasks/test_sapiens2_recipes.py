@@ -125,7 +125,11 @@ def test_task_checkpoint_with_an_unknown_head_is_named(exported, tmp_path):
   keys["decode_head.conv_seg.bias"] = keys["decode_head.conv_seg.bias"][:7]
   odd = str(tmp_path / "odd.safetensors")
   save_file({k: np.ascontiguousarray(v) for k, v in keys.items()}, odd)
-  with pytest.raises(ValueError, match="conv_seg.*none of the fine-tuning recipes"):
+  with pytest.raises(ValueError, match=r"none of the fine-tuning recipes.*shapes .*decode_head.conv_seg.weight \(7,"):
+    init_from.model_from_file(odd, config.image_size)
+  del keys["decode_head.conv_seg.bias"]
+  save_file({k: np.ascontiguousarray(v) for k, v in keys.items()}, odd)
+  with pytest.raises(ValueError, match="none of the fine-tuning recipes.*missing decode_head.conv_seg.bias"):
     init_from.model_from_file(odd, config.image_size)
 
 
