@@ -40,6 +40,9 @@ class Skeleton:
   link_colors: np.ndarray  # uint8 (len(links), 3) RGB
   upper_body_ids: tuple[int, ...]
   lower_body_ids: tuple[int, ...]
+  # The parts a whole-body evaluation also scores on their own (body, foot, face, left_hand,
+  # right_hand): ((name, keypoint ids), ...); none for COCO-17, which is the body alone.
+  subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   @property
   def num_keypoints(self):
@@ -158,6 +161,10 @@ def skeleton(name):
     raise MetadataError(
         f"{path}: upper_body_ids and lower_body_ids must be disjoint indices"
         f" in 0..{count - 1}")
+  subsets = tuple((part, tuple(int(i) for i in ids)) for part, ids in data.get("subsets", {}).items())
+  listed = [i for _, ids in subsets for i in ids]
+  if len(set(listed)) != len(listed) or not set(listed) <= set(range(count)) or not all(ids for _, ids in subsets):
+    raise MetadataError(f"{path}: subsets must be non-empty, disjoint lists of indices in 0..{count - 1}")
   return Skeleton(
       name=name, names=names,
       flip_indices=_frozen(_flip_indices(
@@ -166,7 +173,7 @@ def skeleton(name):
       sigmas=_frozen(sigmas), links=links,
       keypoint_colors=_frozen(_colors(path, data, "keypoint_colors", count)),
       link_colors=_frozen(_colors(path, data, "link_colors", len(links))),
-      upper_body_ids=upper, lower_body_ids=lower)
+      upper_body_ids=upper, lower_body_ids=lower, subsets=subsets)
 
 
 @functools.cache

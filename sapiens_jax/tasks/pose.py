@@ -32,8 +32,12 @@ from sapiens_jax.tasks import heads2
 TORCH_PREFIX = "head."  # mmpose's
 TARGET = "heatmaps"
 # pycocotools' ten statistics, all higher-is-better; the best checkpoint is chosen by AP.
+# With a whole-body skeleton also AP and AR of each of its parts alone (meta.Skeleton.subsets), as
+# COCO-WholeBody's and Sapiens2's Keypoints308 evaluations report them.
+PARTS = ("body", "foot", "face", "left_hand", "right_hand")
 METRICS = {name: "max" for name in ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L",
-                                     "PCK@0.05", "PCK@0.1", "PCK@0.2")}
+                                     "PCK@0.05", "PCK@0.1", "PCK@0.2",
+                                     *(f"{part}_{stat}" for part in PARTS for stat in ("AP", "AR")))}
 PCK_THRESHOLDS = (0.05, 0.1, 0.2)  # of the person box's longer side (mmpose PCKAccuracy, norm_item="bbox")
 RECORDS_FILE = "keypoints.json"  # predict: every person of every photo, in COCO result format
 SYNTHETIC_ANNOTATIONS = "person_keypoints.json"  # where sapiens_jax.data.synthetic_humans writes them
@@ -203,6 +207,7 @@ class Evaluator:
 
   def __init__(self, config, source):
     self.sigmas = skeleton(config).sigmas
+    self.subsets = skeleton(config).subsets
     self.input_size = tuple(config.image_size)[::-1]  # (W, H)
     self.ground_truth = _ground_truth(source.annotation_json)
     self.results = []
@@ -230,9 +235,32 @@ class Evaluator:
     gt["images"] = [im for im in gt["images"] if im["id"] in seen]
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
     out = metrics.oks_ap(gt, self.results, self.sigmas)
+    out.update(part_scores(gt, self.results, self.sigmas, self.subsets))
     if self.pck_count:
       out.update({f"PCK@{t:g}": float(h / self.pck_count) for t, h in zip(PCK_THRESHOLDS, self.pck_hits)})
     return out
+
+
+def part_scores(gt, results, sigmas, subsets):
+  """{PART_AP, PART_AR} of each (part, keypoint ids) of `subsets`: OKS AP / AR over those keypoints alone."""
+  out = {}
+  for part, ids in subsets:
+    part_gt, part_results = _keypoint_subset(gt, results, ids)
+    scores = metrics.oks_ap(part_gt, part_results, np.asarray(sigmas)[list(ids)])
+    out.update({f"{part}_AP": scores["AP"], f"{part}_AR": scores["AR"]})
+  return out
+
+
+def _keypoint_subset(gt, results, ids):
+  """The ground truth and results with only keypoints `ids` (each person's score kept, num_keypoints
+  recounted: a person with none of them labelled is ignored, as COCOeval ignores num_keypoints 0)."""
+  take = lambda flat: np.asarray(flat, np.float64).reshape(-1, 3)[list(ids)]
+  annotations = []
+  for a in gt["annotations"]:
+    kept = take(a["keypoints"])
+    annotations.append({**a, "keypoints": kept.ravel().tolist(), "num_keypoints": int(np.count_nonzero(kept[:, 2]))})
+  return {**gt, "annotations": annotations}, [{**r, "keypoints": take(r["keypoints"]).ravel().tolist()}
+                                              for r in results]
 
 
 def baselines(config, train_batches):

@@ -6,6 +6,7 @@ import pytest
 
 from sapiens_jax import metrics
 from sapiens_jax.data import meta
+from sapiens_jax.tasks import pose
 
 # ---------------------------------------------------------------- segmentation
 
@@ -206,3 +207,52 @@ def test_oks_ap_rejects_mismatched_keypoint_counts():
     metrics.oks_ap(gt, results_from(gt), meta.skeleton("coco_wholebody133").sigmas)
   with pytest.raises(ValueError, match="no results"):
     metrics.oks_ap(gt, [], meta.skeleton("coco17").sigmas)
+
+
+WHOLE_BODY_PARTS = {"coco_wholebody133": {"body": 17, "foot": 6, "face": 68, "left_hand": 21, "right_hand": 21},
+                    "goliath308": {"body": 17, "foot": 6, "face": 238, "left_hand": 20, "right_hand": 20}}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_BODY_PARTS))
+def test_whole_body_parts_are_the_evaluations_parts(name):
+  """Sizes as COCO-WholeBody's and Sapiens2's Keypoints308 evaluators count them; the body is COCO's 17 by
+  name; each hand is one side's; Goliath's 7 points outside every part are its extra arm and neck points."""
+  skeleton = meta.skeleton(name)
+  parts = dict(skeleton.subsets)
+  assert {part: len(ids) for part, ids in parts.items()} == WHOLE_BODY_PARTS[name]
+  assert {skeleton.names[i] for i in parts["body"]} == set(meta.skeleton("coco17").names)
+  for side in ("left", "right"):
+    assert all(skeleton.names[i].startswith(side) for i in parts[f"{side}_hand"])
+  outside = set(range(skeleton.num_keypoints)) - {i for ids in parts.values() for i in ids}
+  extra = {"left_olecranon", "right_olecranon", "left_cubital_fossa", "right_cubital_fossa", "left_acromion",
+           "right_acromion", "neck"}
+  assert {skeleton.names[i] for i in outside} == (extra if name == "goliath308" else set())
+  assert not meta.skeleton("coco17").subsets
+
+
+def test_each_part_is_scored_on_its_own_keypoints():
+  skeleton = meta.skeleton("goliath308")
+  gt = coco_ground_truth(skeleton.num_keypoints)
+  perfect = pose.part_scores(gt, results_from(gt), skeleton.sigmas, skeleton.subsets)
+  assert set(perfect) == {f"{p}_{s}" for p in WHOLE_BODY_PARTS["goliath308"] for s in ("AP", "AR")}
+  assert all(v == pytest.approx(1.0) for v in perfect.values()), perfect
+  face = dict(skeleton.subsets)["face"]
+  results = results_from(gt)
+  for r in results:  # only the face 40 px off
+    points = np.asarray(r["keypoints"]).reshape(-1, 3)
+    points[face, :2] += 40.0
+    r["keypoints"] = points.ravel().tolist()
+  scores = pose.part_scores(gt, results, skeleton.sigmas, skeleton.subsets)
+  assert scores["face_AP"] < 0.5
+  assert all(scores[f"{p}_AP"] == pytest.approx(1.0) for p in ("body", "foot", "left_hand", "right_hand"))
+  assert metrics.oks_ap(gt, results, skeleton.sigmas)["AP"] < 0.5  # the whole body: the face is most of it
+  # A person with no labelled hand point is ignored for that hand (COCOeval: num_keypoints 0), not missed.
+  hand = dict(skeleton.subsets)["left_hand"]
+  points = np.asarray(gt["annotations"][0]["keypoints"]).reshape(-1, 3)
+  points[hand, 2] = 0
+  gt["annotations"][0]["keypoints"] = points.ravel().tolist()
+  moved = results_from(gt)
+  moved_points = np.asarray(moved[0]["keypoints"]).reshape(-1, 3)
+  moved_points[hand, :2] += 40.0
+  moved[0]["keypoints"] = moved_points.ravel().tolist()
+  assert pose.part_scores(gt, moved, skeleton.sigmas, skeleton.subsets)["left_hand_AP"] == pytest.approx(1.0)
