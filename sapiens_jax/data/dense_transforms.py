@@ -263,7 +263,7 @@ def _random_fit(image, targets, rng, size, ratio_range, cat_max_ratio=1.0):
   return resize_to(image, targets, size)
 
 
-def _masked_targets(image, targets, name):
+def masked_targets(image, targets, name):
   """Just the mask (as uint8 0/1, which OpenCV can warp) and target `name`."""
   check_targets(image, targets, ("mask", name))
   return {"mask": (np.asarray(targets["mask"]) > 0).astype(np.uint8),
@@ -291,7 +291,7 @@ def seg_train_sample(image, targets, rng, *, swap_pairs, size=(1024, 768),
 def _masked_train_sample(image, targets, rng, name, size, background_images,
                          ratio_range, max_degrees):
   """The depth and normal recipes: they differ only in rotation and target."""
-  targets = _masked_targets(image, targets, name)
+  targets = masked_targets(image, targets, name)
   image = composite_background(image, targets["mask"], background_images, rng,
                                0.5)
   image, targets = _random_fit(image, targets, rng, size, ratio_range)
@@ -327,7 +327,7 @@ def seg_eval_sample(image, targets, *, size=(1024, 768)):
 def depth_eval_sample(image, targets, *, size=(1024, 768)):
   """Image and depth target stretched to `size`."""
   image, targets = resize_to(
-      image, _masked_targets(image, targets, "depth"), size)
+      image, masked_targets(image, targets, "depth"), size)
   return {"image": image,
           "depth": depth_target(targets["depth"], targets["mask"])}
 
@@ -335,6 +335,6 @@ def depth_eval_sample(image, targets, *, size=(1024, 768)):
 def normal_eval_sample(image, targets, *, size=(1024, 768)):
   """Image and normal target stretched to `size`."""
   image, targets = resize_to(
-      image, _masked_targets(image, targets, "normal"), size)
+      image, masked_targets(image, targets, "normal"), size)
   return {"image": image,
           "normal": normal_target(targets["normal"], targets["mask"])}

@@ -14,6 +14,7 @@ from sapiens_jax import metrics
 from sapiens_jax import visualize
 from sapiens_jax.data import dense_source
 from sapiens_jax.data import dense_transforms
+from sapiens_jax.data import sapiens2_augment
 from sapiens_jax.tasks import dense
 from sapiens_jax.tasks import heads
 from sapiens_jax.tasks import heads2
@@ -68,7 +69,15 @@ def unit(normals):
 
 # Data: a dense folder of LAYOUT (or its shards), through the reference recipes (§7).
 make_source = functools.partial(dense.make_source, LAYOUT)
-train_example = functools.partial(dense.train_example, dense_transforms.normal_train_sample)
+
+
+def train_example(config, source):
+  """The reference recipe (§7), or Sapiens2's (sapiens2.md §3.2) under its recipe."""
+  sapiens2 = config.recipe == "sapiens2"
+  recipe = sapiens2_augment.normal_train_sample if sapiens2 else dense_transforms.normal_train_sample
+  return dense.train_example(recipe, config, source)
+
+
 eval_example = functools.partial(dense.eval_example, dense_transforms.normal_eval_sample)
 convert_records = functools.partial(dense.convert_records, LAYOUT)
 

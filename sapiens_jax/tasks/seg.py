@@ -14,6 +14,7 @@ from sapiens_jax import visualize
 from sapiens_jax.data import dense_source
 from sapiens_jax.data import dense_transforms
 from sapiens_jax.data import meta
+from sapiens_jax.data import sapiens2_augment
 from sapiens_jax.tasks import dense
 from sapiens_jax.tasks import heads
 from sapiens_jax.tasks import heads2
@@ -65,9 +66,11 @@ make_source = functools.partial(dense.make_source, LAYOUT)
 
 
 def train_example(config, source):
-  """The reference recipe (§5.3); the flip swaps left and right part labels."""
-  return dense.train_example(dense_transforms.seg_train_sample, config, source,
-                             swap_pairs=classes(config).swap_pairs)
+  """The reference recipe (§5.3), or Sapiens2's (sapiens2.md §3.1) under its recipe; the flip swaps left
+  and right part labels."""
+  sapiens2 = config.recipe == "sapiens2"
+  recipe = sapiens2_augment.seg_train_sample if sapiens2 else dense_transforms.seg_train_sample
+  return dense.train_example(recipe, config, source, swap_pairs=classes(config).swap_pairs)
 
 
 eval_example = functools.partial(dense.eval_example, dense_transforms.seg_eval_sample)

@@ -406,7 +406,7 @@ def test_scale_range_sets_the_random_resize_ratio():
 
 
 def test_a_bad_scale_range_names_the_field():
-  config = ml_collections.ConfigDict({"task": "seg", "image_size": (64, 48), "data": {
+  config = ml_collections.ConfigDict({"task": "seg", "recipe": "sapiens", "image_size": (64, 48), "data": {
       "backgrounds": "", "labels": "seg28", "scale_range": (2.0, 0.5)}})
   with pytest.raises(ValueError, match=r"data\.scale_range"):
     tasks.get("seg").train_example(config, source=None)
