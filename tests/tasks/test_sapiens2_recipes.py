@@ -88,7 +88,7 @@ def exported(request, finetune_config, synthetic_root, tmp_path_factory):
   dataset, labels, head_channels = request.param
   config = finetune_config(dataset)
   config.data.path = synthetic_root
-  config.data.labels = labels  # the released head's classes; the renders use 28 of them
+  config.data.labels = labels  # the released head's classes; the renders hold seg28 ids (a shape test)
   config.model.head_channels = head_channels or config.model.head_channels
   config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
   run = tmp_path_factory.mktemp("exported")
