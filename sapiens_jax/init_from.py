@@ -117,9 +117,10 @@ def _task_model(state_dict, image_size, path):
   if not heads or size is None:
     return None
   features, closest = None, None
-  for dataset in default_config.DATASETS:
+  for dataset, labels in _recipes_and_labels():
     config = default_config.finetune(dataset, size)
     config.image_size = tuple(int(v) for v in image_size)
+    config.data.labels = labels
     features = features or _feature_map(config)
     shapes = _head_shapes(config, features)
     if shapes == heads:
@@ -138,6 +139,17 @@ def _task_model(state_dict, image_size, path):
   params = _fit(state_dict, None, abstract, config, path)
   logging.info("%s: %s %s (%s) for %s images", path, config.data.dataset, config.task, size, image_size)
   return config, params
+
+
+def _recipes_and_labels():
+  """(dataset, labels) to try, in order: every recipe with its own labels (a released file is its recipe's),
+  then with the other label sets of its task (`LABEL_SETS` of a task with labels: a head fine-tuned on
+  other classes or keypoints, e.g. a Sapiens2 seg head on the 28 classes)."""
+  rows = default_config.DATASETS
+  yield from ((dataset, row.labels) for dataset, row in rows.items())
+  for dataset, row in rows.items():
+    others = getattr(tasks.get(row.task), "LABEL_SETS", ())
+    yield from ((dataset, labels) for labels in others if labels != row.labels)
 
 
 def _head_mismatch(heads, dataset, expected):

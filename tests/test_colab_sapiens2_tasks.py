@@ -15,7 +15,6 @@ from PIL import Image
 import pytest
 
 import notebooks
-from sapiens_jax import export
 from sapiens_jax import predict
 from sapiens_jax import writers
 from sapiens_jax.data import meta
@@ -25,13 +24,10 @@ TASK_STEPS = 2
 MODEL_SIZE = "sapiens2_tiny"  # 18 blocks, 64 wide: the smallest Sapiens2 that predict.load_weights recognises
 IMAGE_SIZE = (64, 48)  # a 4x3 token grid; pointmap's scale branch takes it (ceil-halved to 1x1)
 # configs/synthetic.py:NAME -> (task, recipe, labels) that load_weights must read off the exported file's
-# head: the released label sets for seg and pose (29 classes, 308 Goliath keypoints), none for the others.
-RELEASED = {"sapiens2_seg": ("seg", "sapiens2_seg", "seg29"), "sapiens2_normal": ("normal", "sapiens2_normal", ""),
-            "pointmap": ("pointmap", "sapiens2_pointmap", ""), "albedo": ("albedo", "sapiens2_albedo", ""),
-            "matting": ("matting", "sapiens2_matting", ""), "sapiens2_pose": ("pose", "sapiens2_pose", "goliath308")}
-# The two whose synthetic labels are not the released ones: (the run's output names, the file's).
-RELABELLED = {"sapiens2_seg": (meta.seg_classes("seg28").names, meta.seg_classes("seg29").names),
-              "sapiens2_pose": (meta.skeleton("coco17").names, meta.skeleton("goliath308").names)}
+# head: the synthetic labels for seg and pose (28 classes, COCO's 17 keypoints), none for the others.
+LOADED = {"sapiens2_seg": ("seg", "sapiens2_seg", "seg28"), "sapiens2_normal": ("normal", "sapiens2_normal", ""),
+          "pointmap": ("pointmap", "sapiens2_pointmap", ""), "albedo": ("albedo", "sapiens2_albedo", ""),
+          "matting": ("matting", "sapiens2_matting", ""), "sapiens2_pose": ("pose", "sapiens2_pose", "coco17")}
 PANELS = 8  # photo, body parts, normals, depth, albedo, alpha, cut-out, pose
 PER_ROW = 4
 
@@ -47,7 +43,7 @@ def synthetic_config(name):
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
   """(executed notebook, workdir), run once for all tests of this module."""
-  pytest.importorskip("torch")  # export and the head rewrite need the [torch] extra: torch and safetensors
+  pytest.importorskip("torch")  # export needs the [torch] extra: torch and safetensors
   pytest.importorskip("safetensors")
   pytest.importorskip("skimage.data")  # the photo
   root = tmp_path_factory.mktemp("colab_sapiens2_tasks")
@@ -82,12 +78,6 @@ def value_range(rest, what=""):
   return float(found.group(1)), float(found.group(2))
 
 
-def final_layer(tensors, name):
-  """(weight, bias) of the head's last 1x1 conv in a state dict, under upstream's name."""
-  key = {"seg": "conv_seg", "pose": "conv_pose"}[RELEASED[name][0]]
-  return tensors[f"decode_head.{key}.weight"].numpy(), tensors[f"decode_head.{key}.bias"].numpy()
-
-
 def test_committed_notebook_is_clean_valid_and_installs_nothing():
   notebooks.assert_clean(NOTEBOOK)
   notebooks.assert_no_shell_lines(NOTEBOOK)
@@ -97,7 +87,7 @@ def test_parameters_cell_defines_the_synthetic_config_defaults():
   defaults = notebooks.parameters(NOTEBOOK)
   assert defaults == {"TASK_STEPS": 300, "WORKDIR": "/tmp/sapiens2_tasks_colab", "MODEL_SIZE": "sapiens2_small",
                       "IMAGE_SIZE": (128, 96), "NUM_GENERATED": 512, "PHOTO": "astronaut", "START_FRESH": True}
-  for name in RELEASED:  # at its defaults the notebook runs configs/synthetic.py's own runs
+  for name in LOADED:  # at its defaults the notebook runs configs/synthetic.py's own runs
     config = synthetic_config(name)
     assert config.recipe == "sapiens2", name
     assert (config.total_steps, config.model.size, tuple(config.image_size), config.data.num_generated) == (
@@ -106,7 +96,7 @@ def test_parameters_cell_defines_the_synthetic_config_defaults():
 
 def test_each_task_trains_and_evaluates_on_one_shared_dataset(executed):
   _, workdir = executed
-  for name in RELEASED:
+  for name in LOADED:
     records = {r["step"]: r for r in writers.read_metrics(str(workdir / name))}
     assert max(records) == TASK_STEPS, (name, sorted(records))  # the override reached the config
     assert math.isfinite(records[TASK_STEPS]["loss"]), (name, records[TASK_STEPS])
@@ -122,11 +112,11 @@ def test_each_task_trains_and_evaluates_on_one_shared_dataset(executed):
 
 def test_each_exported_file_loads_with_its_task_read_off_its_head(executed):
   """The files are upstream task files (backbone.* + decode_head.*) that predict --weights recognises
-  with no run of ours: the task, the recipe and the released label set from the head's tensors alone."""
+  with no run of ours: the task, the recipe and the label set from the head's tensors alone."""
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
   nb, workdir = executed
   text = notebooks.stdout(nb)
-  for name, (task, dataset, labels) in RELEASED.items():
+  for name, (task, dataset, labels) in LOADED.items():
     path = workdir / f"{name}.safetensors"
     keys = load_file(path).keys()
     assert {k.split(".")[0] for k in keys} == {"backbone", "decode_head"}, (name, sorted(keys)[:5])
@@ -138,28 +128,6 @@ def test_each_exported_file_loads_with_its_task_read_off_its_head(executed):
     assert line and line.groups() == (task, dataset), text[-3000:]
 
 
-@pytest.mark.parametrize("name", sorted(RELABELLED))
-def test_seg_and_pose_heads_are_moved_onto_the_released_labels_by_name(executed, tmp_path, name):
-  """Every trained output keeps its filter under its released id; the others predict nothing."""
-  ours, released = RELABELLED[name]
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  _, workdir = executed
-  run_file = tmp_path / "run.safetensors"
-  export.export(str(workdir / name), str(run_file))  # the run's own head, as exported before the rewrite
-  run_weight, run_bias = final_layer(load_file(run_file), name)
-  weight, bias = final_layer(load_file(workdir / f"{name}.safetensors"), name)
-  assert len(run_bias) == len(ours) and len(bias) == len(released)
-  rows = [released.index(n) for n in ours]
-  np.testing.assert_array_equal(weight[rows], run_weight)
-  np.testing.assert_array_equal(bias[rows], run_bias)
-  others = [i for i in range(len(released)) if i not in rows]
-  assert others and not weight[others].any()
-  if name == "sapiens2_seg":  # a class the data never labels must never win a pixel
-    assert bias[others].max() < run_bias.min()
-  else:  # a keypoint it never saw: a zero heatmap, score 0
-    assert not bias[others].any()
-
-
 def test_predicts_every_output_at_the_photos_size_and_in_range(executed, photo):
   nb, _ = executed
   text = notebooks.stdout(nb)
@@ -168,9 +136,9 @@ def test_predicts_every_output_at_the_photos_size_and_in_range(executed, photo):
   shape, rest = printed(text, "sapiens2_seg", "labels")
   assert shape == (height, width)
   low, high = value_range(rest, "ids")
-  assert 0 <= low <= high < meta.seg_classes("seg29").num_classes
+  assert 0 <= low <= high < meta.seg_classes("seg28").num_classes
   found = re.search(r"found: (.*)$", rest).group(1).split(", ")
-  assert found and set(found) <= set(meta.seg_classes("seg29").names) - {"Eyeglass"}, found
+  assert found and set(found) <= set(meta.seg_classes("seg28").names), found
 
   shape, rest = printed(text, "sapiens2_normal", "normals")
   assert shape == (height, width, 3)
@@ -197,7 +165,7 @@ def test_predicts_every_output_at_the_photos_size_and_in_range(executed, photo):
   assert 0 <= low <= high <= 1, rest
 
   shape, rest = printed(text, "sapiens2_pose", "keypoints")
-  assert shape == (1, meta.skeleton("goliath308").num_keypoints, 2)  # one whole-photo box, 308 released keypoints
+  assert shape == (1, meta.skeleton("coco17").num_keypoints, 2)  # one whole-photo box, COCO's 17 keypoints
 
 
 def test_shows_the_photo_and_every_task_side_by_side_in_one_saved_figure(executed, photo):

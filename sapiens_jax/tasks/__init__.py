@@ -17,6 +17,7 @@ A task module provides:
   panel(config, example, prediction)   a picture row: image | target | prediction
   predict_inputs, predict_outputs, finish, write_prediction   prediction on photos
   RECORDS_FILE (optional)              predict: one JSON of every photo's write_prediction records
+  LABEL_SETS (optional)                the class or keypoint sets a head may be fine-tuned on (meta names)
 """
 from sapiens_jax.tasks import albedo
 from sapiens_jax.tasks import depth

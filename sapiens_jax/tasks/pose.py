@@ -32,6 +32,7 @@ from sapiens_jax.tasks import heads2
 TORCH_PREFIX = "head."  # mmpose's
 TARGET = "heatmaps"
 # pycocotools' ten statistics, all higher-is-better; the best checkpoint is chosen by AP.
+LABEL_SETS = meta.SKELETONS  # a head may be fine-tuned on any of them (init_from reads which)
 # With a whole-body skeleton also AP and AR of each of its parts alone (meta.Skeleton.subsets), as
 # COCO-WholeBody's and Sapiens2's Keypoints308 evaluations report them.
 PARTS = ("body", "foot", "face", "left_hand", "right_hand")

@@ -22,6 +22,7 @@ from sapiens_jax.tasks import heads2
 TORCH_PREFIX = "decode_head."  # mmseg's
 TARGET = "label"
 LAYOUT = (dense_source.LabelFile("segs", ".png", "label"),)
+LABEL_SETS = meta.SEG_CLASS_SETS  # a head may be fine-tuned on any of them (init_from reads which)
 METRICS = {"mIoU": "max", "mAcc": "max", "aAcc": "max"}
 
 
