@@ -77,16 +77,13 @@ def features(config, params, images, batch_size=64):
 def ridge_classifier(train_x, train_y, num_classes, ridge=RIDGE):
   """x -> predicted class: least squares onto one-hot targets, features standardised on the train split."""
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  x = np.concatenate([(train_x - mean) / std, np.ones((len(train_x), 1))], axis=1).astype(np.float64)
+  design = lambda v: np.concatenate([(v - mean) / std, np.ones((len(v), 1))], axis=1).astype(np.float64)
+  x = design(train_x)
   targets = np.eye(num_classes)[train_y]
   penalty = ridge * np.eye(x.shape[1])
   penalty[-1, -1] = 0.0  # the bias is not shrunk
   weights = np.linalg.solve(x.T @ x + penalty, x.T @ targets)
-
-  def predict(test_x):
-    z = np.concatenate([(test_x - mean) / std, np.ones((len(test_x), 1))], axis=1)
-    return np.argmax(z @ weights, axis=1)
-  return predict
+  return lambda test_x: np.argmax(design(test_x) @ weights, axis=1)
 
 
 def chance(train_y, test_y):
