@@ -108,7 +108,7 @@ def _run(objective, size, batch_size, total_steps, image_size):
   c.model = ml_collections.ConfigDict()
   # The size names its backbone family (sapiens_jax.models.FAMILIES): Sapiens 0.3b | 0.6b | 1b | 2b
   # (paper Table 2) | small | tiny; Sapiens2 sapiens2_0.1b | _0.4b | _0.8b | _1b | _1b_4k | _5b |
-  # sapiens2_small | sapiens2_tiny | sapiens2_tiny_4k.
+  # sapiens2_small | sapiens2_tiny | sapiens2_tiny_4k | sapiens2_micro.
   c.model.size = size
   c.model.patch_size = 16
   # 2 for some v1 task fine-tunes (reference §1.3): same grid, shifted windows; Sapiens2 pads none.

@@ -67,7 +67,7 @@ def _synthetic_config(task):
 def _finetune_config(task):
   """configs/synthetic.py:TASK, shrunk to seconds: a 2-block ViT on 64x48 images, 6 steps."""
   c = _synthetic_config(task)
-  c.model.size = "sapiens2_tiny" if c.recipe == "sapiens2" else "tiny"
+  c.model.size = "sapiens2_micro" if c.recipe == "sapiens2" else "tiny"
   c.image_size = (64, 48)
   c.batch_size = c.eval_batch_size = 4
   c.total_steps = 6

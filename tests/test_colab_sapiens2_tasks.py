@@ -21,7 +21,7 @@ from sapiens_jax.data import meta
 
 NOTEBOOK = "sapiens2_tasks.ipynb"
 TASK_STEPS = 2
-MODEL_SIZE = "sapiens2_tiny"  # 18 blocks, 64 wide: the smallest Sapiens2 that predict.load_weights recognises
+MODEL_SIZE = "sapiens2_tiny"  # 18 blocks, 64 wide: grouped-query blocks, as the released sizes have
 IMAGE_SIZE = (64, 48)  # a 4x3 token grid; pointmap's scale branch takes it (ceil-halved to 1x1)
 # configs/synthetic.py:NAME -> (task, recipe, labels) that load_weights must read off the exported file's
 # head: the synthetic labels for seg and pose (28 classes, COCO's 17 keypoints), none for the others.

@@ -75,7 +75,8 @@ def segments(depth, num_heads):
 
 
 # The upstream arch_zoo; `_4k` adds the windowed tokenizer (only 1b is released so). The small
-# sizes have 18 blocks, so blocks 8 and 9 use grouped-query attention as in the big ones.
+# sizes have 18 blocks, so blocks 8 and 9 use grouped-query attention as in the big ones; `_micro`
+# has 2 (full attention only): the learning tests' budget on a CPU.
 SIZES = {
     "sapiens2_0.1b": Size(width=768, depth=12, num_heads=12),
     "sapiens2_0.4b": Size(width=1024, depth=24, num_heads=16),
@@ -86,6 +87,7 @@ SIZES = {
     "sapiens2_small": Size(width=192, depth=18, num_heads=3),
     "sapiens2_tiny": Size(width=64, depth=18, num_heads=4),
     "sapiens2_tiny_4k": Size(width=64, depth=18, num_heads=4, tokenizer_depth=2),
+    "sapiens2_micro": Size(width=64, depth=2, num_heads=4),
 }
 
 

@@ -44,7 +44,7 @@ class ScaleWidths(NamedTuple):
 
 UPSTREAM_SIZES = ("sapiens2_0.4b", "sapiens2_0.8b", "sapiens2_1b", "sapiens2_5b")
 # Test sizes (models/sapiens2.py SIZES): small widths of our choosing, no upstream counterpart.
-TEST_SIZES = ("sapiens2_tiny", "sapiens2_small")
+TEST_SIZES = ("sapiens2_micro", "sapiens2_tiny", "sapiens2_small")
 _TEST = Widths((32, 16, 16, 8), (8, 8, 8))
 
 _SEG = Widths((512, 256, 128, 64), (64, 64))  # §3.1; the same at every size (our reading: no per-size row)
@@ -59,10 +59,9 @@ _SCALE = ScaleWidths((1536, 512, 128), (512, 128))  # §3.3, every size
 # task -> size -> Widths. Albedo (§3.4: "identical to NormalHead") and matting (released at 1b only) take
 # the normal widths at every size: an assumption where no config is known (0.4b-5b albedo, matting but 1b).
 WIDTHS = {
-    "seg": {**dict.fromkeys(UPSTREAM_SIZES, _SEG), "sapiens2_tiny": Widths((32, 16, 16, 8), (8, 8)),
-            "sapiens2_small": Widths((32, 16, 16, 8), (8, 8))},
+    "seg": {**dict.fromkeys(UPSTREAM_SIZES, _SEG), **dict.fromkeys(TEST_SIZES, Widths((32, 16, 16, 8), (8, 8)))},
     "pose": {"sapiens2_0.4b": _POSE, "sapiens2_0.8b": _POSE, "sapiens2_1b": _POSE_1B, "sapiens2_5b": _POSE,
-             "sapiens2_tiny": Widths((32, 16), (16, 16, 8)), "sapiens2_small": Widths((32, 16), (16, 16, 8))},
+             **dict.fromkeys(TEST_SIZES, Widths((32, 16), (16, 16, 8)))},
     **{task: {**dict.fromkeys(UPSTREAM_SIZES[:3], _NORMAL), "sapiens2_5b": _NORMAL_5B,
               **dict.fromkeys(TEST_SIZES, _TEST)} for task in ("normal", "albedo", "matting")},
     "pointmap": {**dict.fromkeys(UPSTREAM_SIZES[:3], _POINTMAP), "sapiens2_5b": _POINTMAP_5B,

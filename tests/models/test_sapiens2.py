@@ -203,6 +203,11 @@ def test_state_dict_of_another_size_is_named():
   assert sapiens2.size_of(state_dict) == "sapiens2_tiny"
   with pytest.raises(ValueError, match=r"model.size='sapiens2_tiny'.*'sapiens2_small'"):
     sapiens2.check_state_dict(state_dict, "", ml_collections.ConfigDict({"size": "sapiens2_small"}), "f")
+  # sapiens2_micro is as wide as tiny: its 2 blocks tell them apart
+  micro = {k: v.float().numpy() for k, v in reference("sapiens2_micro").state_dict().items()}
+  assert sapiens2.size_of(micro) == "sapiens2_micro"
+  with pytest.raises(ValueError, match=r"model.size='sapiens2_micro'.*'sapiens2_tiny'"):
+    sapiens2.check_state_dict(micro, "", ml_collections.ConfigDict({"size": "sapiens2_tiny"}), "f")
 
 
 def test_size_names_pick_one_family():

@@ -53,7 +53,7 @@ def read(path):
 
 def test_trains_evaluates_every_metric_and_draws_panels(run, matting_config):
   config = matting_config()
-  assert config.best_metric == "sad" and config.model.size == "sapiens2_tiny"
+  assert config.best_metric == "sad" and config.model.size == "sapiens2_micro"
   records = writers.read_metrics(run)
   train_losses = [r["loss"] for r in records if "loss" in r]
   assert len(train_losses) == 6 and np.all(np.isfinite(train_losses))

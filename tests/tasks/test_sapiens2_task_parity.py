@@ -34,7 +34,7 @@ import photos  # pylint: disable=g-import-not-at-top,wrong-import-position
 import test_heads_sapiens2 as heads_test  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_sapiens2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SIZE = "sapiens2_tiny"  # the smallest size load_weights recognises, with test widths for every head
+SIZE = "sapiens2_tiny"  # 18 blocks (grouped-query ones among them, as released), test widths for every head
 TASKS = ("seg", "normal", "pointmap", "pose", "albedo", "matting")
 ATOL = 1e-4
 HEAD_STD = 0.3  # every head tensor N(0, 0.3^2), as test_heads_sapiens2's random params
