@@ -2,7 +2,6 @@
 models they fine-tune, the strongest baseline a bar is set over, and a fine-tuning run."""
 import json
 
-import learning_bar
 import pytest
 from sapiens_jax import baselines
 from sapiens_jax import train
@@ -26,11 +25,11 @@ def learning_config(synthetic_config):
 
 
 @pytest.fixture(scope="module")
-def studio_root(tmp_path_factory, learning_config):
+def studio_root(tmp_path_factory, synthetic_config):
   """512 training and 64 held-out renders at 128x96 with every task's labels (albedo's config asks for
   the Sapiens2 ones too; the images are the same either way), shared by the tasks."""
   root = str(tmp_path_factory.mktemp("studio"))
-  config = learning_config("albedo", learning_bar.Bar("mae", 1, "", None))
+  config = synthetic_config("albedo")
   config.data.path = root
   from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.ensure_synthetic_data(config, "")
@@ -58,14 +57,17 @@ def strongest_baseline(learning_config, studio_root):
 
 
 @pytest.fixture
-def fine_tune(studio_root, tmp_path):
-  """(config, kind) -> the final eval metrics of `config`'s run on the studio renders."""
-  def run(config, kind):
+def fine_tune(learning_config, strongest_baseline, studio_root, tmp_path):
+  """(task, bar, kind) -> (the final eval metrics of the bar's run on the studio renders, and the
+  (name, metrics) of the strongest baseline), for the test to hold against the bar."""
+  def run(task, bar, kind):
+    best = strongest_baseline(task, bar)
+    config = learning_config(task, bar)
     config.data.path = studio_root
     train.train_and_evaluate(config, str(tmp_path))
     evals = [r for r in writers.read_metrics(tmp_path) if any(k.startswith("eval_") for k in r)]
     assert evals[-1]["step"] == config.total_steps
     final = {k[len("eval_"):]: v for k, v in evals[-1].items() if k.startswith("eval_")}
     print(json.dumps({"task": config.task, kind: final, "steps": config.total_steps}))
-    return final
+    return final, best
   return run

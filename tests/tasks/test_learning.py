@@ -22,10 +22,9 @@ BARS = {
 
 
 @pytest.mark.parametrize("task", sorted(BARS))
-def test_a_model_beats_the_strongest_baseline_by_the_bar(task, learning_config, strongest_baseline, fine_tune):
+def test_a_model_beats_the_strongest_baseline_by_the_bar(task, fine_tune):
   bar = BARS[task]
-  name, best = strongest_baseline(task, bar)
-  model = fine_tune(learning_config(task, bar), "model")
+  model, (name, best) = fine_tune(task, bar, "model")
   assert bar.clears(model[bar.metric], best[bar.metric]), (bar, model, name, best)
 
 
@@ -34,8 +33,7 @@ def _blank(sample):
 
 
 @pytest.mark.parametrize("task", sorted(BARS))
-def test_the_same_recipe_on_blank_images_fails_the_bar(task, learning_config, strongest_baseline, fine_tune,
-                                                      monkeypatch):
+def test_the_same_recipe_on_blank_images_fails_the_bar(task, fine_tune, monkeypatch):
   """What the bar is for: the model, trained and evaluated without the image, learns at best a
   fixed answer (the head still sees every position), and that must not pass."""
   module = tasks.get(task)
@@ -44,6 +42,5 @@ def test_the_same_recipe_on_blank_images_fails_the_bar(task, learning_config, st
                       lambda *a, **k: (lambda index, rng, make=train_example(*a, **k): _blank(make(index, rng))))
   monkeypatch.setattr(module, "eval_example", lambda *a, **k: _blank(eval_example(*a, **k)))
   bar = BARS[task]
-  name, best = strongest_baseline(task, bar)
-  blind = fine_tune(learning_config(task, bar), "blind")
+  blind, (name, best) = fine_tune(task, bar, "blind")
   assert not bar.clears(blind[bar.metric], best[bar.metric]), (bar, blind, name, best)
