@@ -438,7 +438,7 @@ def matting_grad_loss(pred, target, mask=None):
 
 def _gauss_blur(x):
   """The 5x5 binomial blur [1 4 6 4 1]^T [1 4 6 4 1] / 256, per channel, with reflect padding 2: as two 1-D
-  passes of shifted sums (a depthwise conv's gradient costs XLA on CPU ~50x more)."""
+  passes of shifted sums (XLA:CPU runs a depthwise conv's gradient slowly: benchmarks/matting_loss.py)."""
   h, w = x.shape[1:3]
   if min(h, w) < 3:
     raise ValueError(f"Laplacian pyramid level of size {(h, w)} is too small for a 5x5 reflect-padded blur")

@@ -2,12 +2,16 @@
 beats the strongest prediction that never looks at the image (`sapiens_jax.baselines`: fitted on
 the training split, scored by the task's own evaluator on the held-out split) by a stated margin.
 
-BARS is what RESULTS.md states and CI checks. Each bar is also run against everything that ignores
-the image: every fitted baseline, and the same recipe trained on blank images (a model free to learn
-any fixed answer); all must fail it, so a pass needs the image. Not timed; training is deterministic.
+BARS is what RESULTS.md states and CI checks. Each bar is also run against every fitted baseline,
+which must fail it, so a pass needs the image. An optional tier (SAPIENS_BLIND_RUNS=1, about 3 more
+minutes of one core, outside the suite's 40-minute budget) also trains the same recipe on blank
+images (a model free to learn any fixed answer), which must fail it too. Not timed; training is
+deterministic.
 Depth has no bar yet: no budget measured on this CPU beats its strongest baseline (RESULTS.md).
 The Sapiens2 recipes' bars are in test_learning_sapiens2.py (fixtures: conftest.py).
 """
+import os
+
 import numpy as np
 import pytest
 from sapiens_jax import tasks
@@ -32,6 +36,8 @@ def _blank(sample):
   return {**sample, "image": np.full_like(sample["image"], 128)}
 
 
+@pytest.mark.skipif(not os.environ.get("SAPIENS_BLIND_RUNS"),
+                    reason="optional tier: set SAPIENS_BLIND_RUNS=1 (RESULTS.md's blank-image column)")
 @pytest.mark.parametrize("task", sorted(BARS))
 def test_the_same_recipe_on_blank_images_fails_the_bar(task, fine_tune, monkeypatch):
   """What the bar is for: the model, trained and evaluated without the image, learns at best a
