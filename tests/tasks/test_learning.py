@@ -3,7 +3,7 @@ beats the strongest prediction that never looks at the image (`sapiens_jax.basel
 the training split, scored by the task's own evaluator on the held-out split) by a stated margin.
 
 BARS is what RESULTS.md states and CI checks. Each bar is also run against every fitted baseline,
-which must fail it, so a pass needs the image. An optional tier (SAPIENS_BLIND_RUNS=1, about 3 more
+which must fail it, so a pass needs the image. An optional tier (SAPIENS_BLIND_RUNS=1, about 2 more
 minutes of one core, outside the suite's 40-minute budget) also trains the same recipe on blank
 images (a model free to learn any fixed answer), which must fail it too. Not timed; training is
 deterministic.
