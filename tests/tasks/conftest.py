@@ -9,12 +9,13 @@ from sapiens_jax import writers
 
 
 @pytest.fixture(scope="module")
-def learning_config(synthetic_config):
-  """(task, learning_bar.Bar) -> configs/synthetic.py:TASK with a 2-block, width-64 ViT of the
-  recipe's family (`tiny` with a width-32 head, or `sapiens2_micro` with the test-size Sapiens2
-  heads) at the bar's steps and lr."""
+def learning_config(synthetic_config, studio_root):
+  """(task, learning_bar.Bar) -> configs/synthetic.py:TASK on the studio renders with a 2-block,
+  width-64 ViT of the recipe's family (`tiny` with a width-32 head, or `sapiens2_micro` with the
+  test-size Sapiens2 heads) at the bar's steps and lr."""
   def make(task, bar):
     c = synthetic_config(task)
+    c.data.path = studio_root
     c.model.size = "sapiens2_micro" if c.recipe == "sapiens2" else "tiny"
     c.model.head_channels = 32
     c.optim.base_lr = bar.lr
@@ -37,7 +38,7 @@ def studio_root(tmp_path_factory, synthetic_config):
 
 
 @pytest.fixture(scope="module")
-def strongest_baseline(learning_config, studio_root):
+def strongest_baseline(learning_config):
   """(task, learning_bar.Bar) -> (name, metrics) of the task's strongest baseline on the bar's metric, after
   checking that no baseline clears the bar itself."""
   found = {}
@@ -45,7 +46,6 @@ def strongest_baseline(learning_config, studio_root):
   def get(task, bar):
     if task not in found:
       config = learning_config(task, bar)
-      config.data.path = studio_root
       results = baselines.evaluate(config)
       best = baselines.strongest(config, results, bar.metric)
       print(json.dumps({"task": task, "baselines": results}))  # RESULTS.md's figures: pytest -s
@@ -57,13 +57,12 @@ def strongest_baseline(learning_config, studio_root):
 
 
 @pytest.fixture
-def fine_tune(learning_config, strongest_baseline, studio_root, tmp_path):
+def fine_tune(learning_config, strongest_baseline, tmp_path):
   """(task, bar, kind) -> (the final eval metrics of the bar's run on the studio renders, and the
   (name, metrics) of the strongest baseline), for the test to hold against the bar."""
   def run(task, bar, kind):
     best = strongest_baseline(task, bar)
     config = learning_config(task, bar)
-    config.data.path = studio_root
     train.train_and_evaluate(config, str(tmp_path))
     evals = [r for r in writers.read_metrics(tmp_path) if any(k.startswith("eval_") for k in r)]
     assert evals[-1]["step"] == config.total_steps
