@@ -260,11 +260,13 @@ class Evaluator:
 
 
 def baselines(config, train_batches):
-  """{"mean_pointmap": batch -> (B, H, W, 4)}: each pixel's mean canonical point over the training split's
-  un-augmented examples where it is on the person (the overall mean point where it never is), with the mean
-  scale."""
+  """{"mean_pointmap", "mean_normal_plane": batch -> (B, H, W, 4)}, both with the training split's mean scale
+  (its un-augmented examples). mean_pointmap: each pixel's mean canonical point where it is on the person
+  (the overall mean point where it never is). mean_normal_plane: the plane through the overall mean point
+  whose normal is the training targets' mean normal (metrics.pointmap_normals, as the evaluator takes them):
+  the fixed answer for the normal metrics, as the mean normal is for the normal task."""
   del config
-  total = count = 0.0
+  total = count = normal_sum = 0.0
   scales = []
   for batch in train_batches():
     valid = batch["valid"]
@@ -272,11 +274,25 @@ def baselines(config, train_batches):
     total = total + np.where(mask[..., None], batch[TARGET][valid].astype(np.float64), 0.0).sum(0)
     count = count + mask.sum(0)
     scales.extend(batch["scale"][valid].tolist())
+    for points, person in zip(batch[TARGET][valid], mask):
+      normals, window = metrics.pointmap_normals(points, person)
+      normal_sum = normal_sum + normals[window].sum(0)
   overall = total.reshape(-1, 3).sum(0) / count.sum()
   per_pixel = np.where(count[..., None] > 0, total / np.maximum(count, 1)[..., None], overall)
-  prediction = np.concatenate([per_pixel, np.full(per_pixel.shape[:2] + (1,), np.mean(scales))], -1)
-  prediction = prediction.astype(np.float32)
-  return {"mean_pointmap": lambda b: np.broadcast_to(prediction, b[TARGET].shape[:3] + (4,))}
+  # X and Y: the affine function of the pixel (column, row) closest to mean_pointmap's on the person's pixels,
+  # weighted by how often each is on it; the points then spread over the whole grid (no degenerate normal).
+  rows, cols = np.indices(count.shape)
+  grid = np.stack([np.ones(count.shape), cols, rows], -1)
+  weight = np.sqrt(count)[..., None]
+  coef = np.linalg.lstsq((grid * weight).reshape(-1, 3), (per_pixel[..., :2] * weight).reshape(-1, 2), rcond=None)[0]
+  xy = grid @ coef
+  nx, ny, nz = normal_sum / np.linalg.norm(normal_sum)
+  plane_z = overall[2] - (nx * (xy[..., 0] - overall[0]) + ny * (xy[..., 1] - overall[1])) / nz
+  plane = np.concatenate([xy, plane_z[..., None]], -1)
+  scale = np.full(per_pixel.shape[:2] + (1,), np.mean(scales))
+  predictions = {name: np.concatenate([points, scale], -1).astype(np.float32)
+                 for name, points in (("mean_pointmap", per_pixel), ("mean_normal_plane", plane))}
+  return {name: (lambda b, p=p: np.broadcast_to(p, b[TARGET].shape[:3] + (4,))) for name, p in predictions.items()}
 
 
 def _on_person(points):

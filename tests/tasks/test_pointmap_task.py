@@ -184,7 +184,8 @@ def test_evaluator_scores_the_truth_perfectly_and_a_hand_made_case_by_hand(data)
   assert result["scale_abs_rel"] == pytest.approx((0.1 + 0.5) / 2, rel=1e-5)
 
 
-def test_mean_pointmap_baseline_is_the_per_pixel_mean_of_the_training_targets(data):
+def _train_rows_and_baselines(data):
+  """The training split's un-augmented rows, and pointmap.baselines fitted on them."""
   config, root = data
   source = pointmap.make_source(config, os.path.join(root, "train"), "train")
   rows = [pointmap.eval_example(config, source, i) for i in range(len(source))]
@@ -195,7 +196,11 @@ def test_mean_pointmap_baseline_is_the_per_pixel_mean_of_the_training_targets(da
       valid = np.arange(3) < len(chunk)
       chunk = chunk + [chunk[0]] * (3 - len(chunk))
       yield {**{k: np.stack([r[k] for r in chunk]) for k in chunk[0]}, "valid": valid}
-  predict_fn = pointmap.baselines(config, batches)["mean_pointmap"]
+  return rows, pointmap.baselines(config, batches)
+
+
+def test_mean_pointmap_baseline_is_the_per_pixel_mean_of_the_training_targets(data):
+  rows, predictors = _train_rows_and_baselines(data)
   masks = np.stack([r["mask"] for r in rows])
   points = np.stack([r["pointmap"] for r in rows]).astype(np.float64)
   counts = masks.sum(0)
@@ -204,10 +209,32 @@ def test_mean_pointmap_baseline_is_the_per_pixel_mean_of_the_training_targets(da
     expected[y, x] = points[:, y, x][masks[:, y, x]].mean(0)
   overall = points[masks].mean(0)
   expected[counts == 0] = overall
-  out = predict_fn({"pointmap": np.zeros((2, 64, 48, 3), np.float32)})
+  out = predictors["mean_pointmap"]({"pointmap": np.zeros((2, 64, 48, 3), np.float32)})
   assert out.shape == (2, 64, 48, 4)
   np.testing.assert_allclose(out[0, ..., :3], expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out[1, ..., 3], np.mean([r["scale"] for r in rows]), rtol=1e-6)
+
+
+def test_mean_normal_plane_baseline_has_the_training_targets_mean_normal_everywhere(data):
+  rows, predictors = _train_rows_and_baselines(data)
+  normal_sum = np.zeros(3)
+  for row in rows:  # the evaluator's normals of each target, where it takes them
+    normals, window = metrics.pointmap_normals(row["pointmap"], row["mask"])
+    normal_sum += normals[window].sum(0)
+  mean_normal = normal_sum / np.linalg.norm(normal_sum)
+  masks = np.stack([r["mask"] for r in rows])
+  overall = np.stack([r["pointmap"] for r in rows]).astype(np.float64)[masks].mean(0)
+  out = predictors["mean_normal_plane"]({"pointmap": np.zeros((1, 64, 48, 3), np.float32)})[0]
+  np.testing.assert_allclose((out[..., :3] - overall) @ mean_normal, 0, atol=1e-4)  # on the plane
+  columns, rows_ = np.meshgrid(np.arange(48), np.arange(64))
+  for axis in range(2):  # X and Y affine in the pixel, increasing right and down as the targets' do
+    coef = np.linalg.lstsq(np.stack([np.ones(64 * 48), columns.ravel(), rows_.ravel()], 1), out[..., axis].ravel(),
+                           rcond=None)[0]
+    np.testing.assert_allclose(coef[0] + coef[1] * columns + coef[2] * rows_, out[..., axis], atol=1e-5)
+    assert coef[1 + axis] > 0
+  everywhere = np.ones(out.shape[:2], bool)
+  normals, window = metrics.pointmap_normals(out[..., :3], everywhere)
+  np.testing.assert_allclose(normals[window] @ mean_normal, 1, atol=1e-4)  # the mean normal, same side
 
 
 def test_trains_evaluates_with_every_metric_and_draws_panels(trained):
