@@ -9,19 +9,6 @@ import sys
 
 import pytest
 
-
-def _pin_worker_to_its_cores():
-  """Under xdist, each worker gets its own share of this machine's cores (worker i: every n-th core
-  from the i-th), before JAX starts. XLA:CPU sizes its thread pools by the cores a process may use,
-  so unpinned, two workers on 2 cores ran 4 busy pools on 2 cores: 11 of the suite's 76 CPU minutes
-  went to the kernel. Subprocesses inherit the share."""
-  worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-  cores = sorted(os.sched_getaffinity(0))
-  if worker and count and int(count) > 1 and len(cores) >= int(count):
-    os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % int(count)::int(count)])
-
-
-_pin_worker_to_its_cores()
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 sys.path[:0] = [REPO, TESTS]
