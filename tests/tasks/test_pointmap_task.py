@@ -226,11 +226,11 @@ def test_mean_normal_plane_baseline_has_the_training_targets_mean_normal_everywh
   overall = np.stack([r["pointmap"] for r in rows]).astype(np.float64)[masks].mean(0)
   out = predictors["mean_normal_plane"]({"pointmap": np.zeros((1, 64, 48, 3), np.float32)})[0]
   np.testing.assert_allclose((out[..., :3] - overall) @ mean_normal, 0, atol=1e-4)  # on the plane
-  columns, rows_ = np.meshgrid(np.arange(48), np.arange(64))
+  pixel_columns, pixel_rows = np.meshgrid(np.arange(48), np.arange(64))
   for axis in range(2):  # X and Y affine in the pixel, increasing right and down as the targets' do
-    coef = np.linalg.lstsq(np.stack([np.ones(64 * 48), columns.ravel(), rows_.ravel()], 1), out[..., axis].ravel(),
-                           rcond=None)[0]
-    np.testing.assert_allclose(coef[0] + coef[1] * columns + coef[2] * rows_, out[..., axis], atol=1e-5)
+    grid = np.stack([np.ones(64 * 48), pixel_columns.ravel(), pixel_rows.ravel()], 1)
+    coef = np.linalg.lstsq(grid, out[..., axis].ravel(), rcond=None)[0]
+    np.testing.assert_allclose((grid @ coef).reshape(64, 48), out[..., axis], atol=1e-5)
     assert coef[1 + axis] > 0
   everywhere = np.ones(out.shape[:2], bool)
   normals, window = metrics.pointmap_normals(out[..., :3], everywhere)
