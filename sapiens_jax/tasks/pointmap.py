@@ -279,20 +279,25 @@ def baselines(config, train_batches):
       normal_sum = normal_sum + normals[window].sum(0)
   overall = total.reshape(-1, 3).sum(0) / count.sum()
   per_pixel = np.where(count[..., None] > 0, total / np.maximum(count, 1)[..., None], overall)
-  # X and Y: the affine function of the pixel (column, row) closest to mean_pointmap's on the person's pixels,
-  # weighted by how often each is on it; the points then spread over the whole grid (no degenerate normal).
-  rows, cols = np.indices(count.shape)
-  grid = np.stack([np.ones(count.shape), cols, rows], -1)
-  weight = np.sqrt(count)[..., None]
-  coef = np.linalg.lstsq((grid * weight).reshape(-1, 3), (per_pixel[..., :2] * weight).reshape(-1, 2), rcond=None)[0]
-  xy = grid @ coef
-  nx, ny, nz = normal_sum / np.linalg.norm(normal_sum)
-  plane_z = overall[2] - (nx * (xy[..., 0] - overall[0]) + ny * (xy[..., 1] - overall[1])) / nz
-  plane = np.concatenate([xy, plane_z[..., None]], -1)
+  plane = _plane_over_the_grid(per_pixel, count, overall, normal_sum / np.linalg.norm(normal_sum))
   scale = np.full(per_pixel.shape[:2] + (1,), np.mean(scales))
   predictions = {name: np.concatenate([points, scale], -1).astype(np.float32)
                  for name, points in (("mean_pointmap", per_pixel), ("mean_normal_plane", plane))}
   return {name: (lambda b, p=p: np.broadcast_to(p, b[TARGET].shape[:3] + (4,))) for name, p in predictions.items()}
+
+
+def _plane_over_the_grid(points, weight, through, normal):
+  """(H, W, 3) points of the plane through `through` with unit `normal`. X and Y are the affine function of
+  the pixel (column, row) closest to `points`' X and Y, weighted by `weight` (H, W), so the plane spreads
+  over the whole grid and no normal of it is degenerate; Z puts each on the plane."""
+  rows, cols = np.indices(weight.shape)
+  grid = np.stack([np.ones(weight.shape), cols, rows], -1)
+  root = np.sqrt(weight)[..., None]
+  coef = np.linalg.lstsq((grid * root).reshape(-1, 3), (points[..., :2] * root).reshape(-1, 2), rcond=None)[0]
+  xy = grid @ coef
+  nx, ny, nz = normal
+  z = through[2] - (nx * (xy[..., 0] - through[0]) + ny * (xy[..., 1] - through[1])) / nz
+  return np.concatenate([xy, z[..., None]], -1)
 
 
 def _on_person(points):
