@@ -4,14 +4,27 @@ import from any test folder."""
 import importlib.util
 import ipaddress
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 sys.path[:0] = [REPO, TESTS]
+
+# One XLA compilation cache for the whole run, set before JAX is imported: most tests train tiny models
+# for a few steps, so compiling is most of their time, and many compile the same programs (the same
+# configs in several files, in the xdist workers and in the subprocesses, which inherit the variable).
+# A cached program is the one compilation made, so results are unchanged. Made by the first process
+# (pytest itself, or xdist's controller before it starts its workers) and removed when that one ends.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="sapiens_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
 from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -21,6 +34,12 @@ from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 # the two workers in collection order (--no-loadscope-reorder; xdist's default would start them last,
 # as files with few tests), so each worker starts on one and the short files fill in around them.
 LONGEST_FILES = ("tasks/test_learning_sapiens2.py", "tasks/test_learning.py")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
