@@ -26,6 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# glibc's malloc hands XLA:CPU's per-step buffers back to the kernel when they are freed, and every
+# step faults them in again. Two test-size Sapiens2 fine-tuning runs side by side on 2 cores spent 18%
+# of their CPU time in the kernel at 2.70 steps/s each; with two arenas that never shrink and no mmap,
+# 3.29 steps/s, the same losses and metrics bit for bit (BENCHMARKS.md). Set here, it reaches xdist's
+# workers and every subprocess (glibc reads it at process start); pytest without -n keeps the default.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                                        "glibc.malloc.trim_threshold=68719476736")
+
 from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
 from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
