@@ -1,6 +1,6 @@
 """Shared fixtures: tiny configs that train in seconds on CPU, one rendered synthetic-humans
-dataset, and no network for any test. Helper modules (torch_reference, photos, notebooks, mesh_runs) sit beside this file and
-import from any test folder."""
+dataset, and no network for any test. Helper modules (torch_reference, photos, notebooks, mesh_runs,
+cpu_env, ...) sit beside this file and import from any test folder."""
 import importlib.util
 import ipaddress
 import os
@@ -15,6 +15,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 sys.path[:0] = [REPO, TESTS]
 
+import cpu_env  # pylint: disable=g-import-not-at-top,wrong-import-position  (tests/cpu_env.py)
+
 # One XLA compilation cache for the whole run, set before JAX is imported: most tests train tiny models
 # for a few steps, so compiling is most of their time, and many compile the same programs (the same
 # configs in several files, in the xdist workers and in the subprocesses, which inherit the variable).
@@ -26,13 +28,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-# glibc's malloc hands XLA:CPU's per-step buffers back to the kernel when they are freed, and every
-# step faults them in again. Two test-size Sapiens2 fine-tuning runs side by side on 2 cores spent 18%
-# of their CPU time in the kernel at 2.70 steps/s each; with two arenas that never shrink and no mmap,
-# 3.29 steps/s, the same losses and metrics bit for bit (BENCHMARKS.md). Set here, it reaches xdist's
-# workers and every subprocess (glibc reads it at process start); pytest without -n keeps the default.
-os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
-                                        "glibc.malloc.trim_threshold=68719476736")
+# glibc's malloc keeps XLA:CPU's per-step buffers instead of faulting them in again every step
+# (cpu_env.py): two test-size Sapiens2 runs side by side on 2 cores went from 2.70 to 3.29 steps/s
+# each, 18% of their CPU time having been the kernel's (BENCHMARKS.md). Set here, it reaches xdist's
+# workers and every subprocess; pytest without -n keeps the default in its own process.
+os.environ.setdefault("GLIBC_TUNABLES", cpu_env.GLIBC_TUNABLES)
 
 from sapiens_jax import default_config  # pylint: disable=g-import-not-at-top
 from sapiens_jax.data import pipeline  # pylint: disable=g-import-not-at-top
