@@ -1,8 +1,8 @@
 """Checkpoints you can trust: a SIGKILL anywhere costs only time, a checkpoint moves between meshes
 and onto a CPU-only host bit for bit, and one of another model is refused by name.
 
-Runs are real `python -m sapiens_jax.main` processes. They share a persistent compilation cache,
-so a restart does not recompile; a cached executable is the same code, so results stay bitwise.
+Runs are real `python -m sapiens_jax.main` processes. They share the test run's persistent
+compilation cache, so a restart does not recompile; a cached executable is the same code, so results stay bitwise.
 This file is also its own helper for processes with 8 CPU devices:
 `python tests/test_checkpoints.py save|restore SOURCE TARGET DATA FSDP OUT.npz` (see `_helper`).
 """
@@ -62,10 +62,10 @@ def boxed_state(config):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+  """The run's compilation cache (conftest.py sets JAX_COMPILATION_CACHE_DIR), here for every program."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def run_main(workdir, env, kill_at=None, hold=None):
