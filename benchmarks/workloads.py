@@ -87,7 +87,7 @@ def forward_flops(objective, config, batch, with_loss):
   plain = config.copy_and_resolve_references()
   plain.model.scan_layers, plain.model.remat_policy, plain.model.attention = False, "none", "xla"
   model = objective.build_model(plain)
-  params = checkpoint.abstract_params(plain)
+  params = checkpoint.abstract_weights(plain)
   keys = prng.example_keys(jax.random.key(0), plain.batch_size)
   if with_loss:
     forward = lambda p, b: objective.loss(model, p, {}, b, keys, plain)[0]
